@@ -1,0 +1,21 @@
+"""Client library for paged-triton: sync and asyncio clients, CLI, load generator, OpenAI front door."""
+
+from client.async_client import AsyncClient
+from client.client import ChunkStream, Client, TextStream
+from client.errors import (
+    Cancelled,
+    ClientError,
+    ConnectionFailed,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ServerError,
+    Unavailable,
+)
+from client.protocol import Chunk, Completion
+
+__all__ = [
+    "AsyncClient", "Cancelled", "Chunk", "ChunkStream", "Client", "ClientError", "Completion",
+    "ConnectionFailed", "DeadlineExceeded", "InvalidArgument", "NotFound", "ServerError",
+    "TextStream", "Unavailable",
+]
