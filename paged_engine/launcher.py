@@ -41,13 +41,13 @@ def check_model_dir(model: str) -> str:
         cfg = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise LaunchError(f"{cfg_file} is not valid JSON: {e}") from None
-    from paged_engine.models import SUPPORTED_ARCHITECTURES
+    from paged_engine.models import MODEL_REGISTRY, supported_architectures
 
     archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if not any(a in MODEL_REGISTRY for a in archs):
         raise LaunchError(
             f"{path}: architecture {', '.join(archs) or '(none given)'} is not supported; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            f"supported: {', '.join(supported_architectures())}"
         )
     if not any(path.glob("*.safetensors")):
         raise LaunchError(f"{path} has no *.safetensors weights")

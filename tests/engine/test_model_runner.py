@@ -1,0 +1,257 @@
+"""ModelRunner: KV cache allocation, batches of mixed prefill chunks and decodes, sampling output
+order, parity of greedy generation with transformers, seeded sampling, and the CUDA-graph replay
+bookkeeping (exercised on CPU with stand-in graphs that run the model on the static buffers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _runner_helpers import BlockAllocator, batch, chunk, runner_config
+from paged_engine.attention import forward_context
+from paged_engine.model_runner import ModelRunner, RunnerOutput
+from paged_engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=100)
+
+
+def _prompts(vocab: int, lengths, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by transformers (argmax of each full forward; EOS does not stop it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class _Seq:
+    def __init__(self, seq_id, prompt, params, block_size, alloc):
+        self.seq_id, self.prompt, self.params = seq_id, prompt, params
+        self.block_size, self.alloc = block_size, alloc
+        self.output: list[int] = []
+        self.num_computed = 0
+        self.block_table: list[int] = []
+
+    def next_chunk(self, max_tokens: int):
+        tokens = (self.prompt + self.output)[self.num_computed:][:max_tokens]
+        end = self.num_computed + len(tokens)
+        need = -(-end // self.block_size) - len(self.block_table)
+        if need > 0:
+            self.block_table += self.alloc.take(need)
+        done = end == len(self.prompt) + len(self.output)
+        c = chunk(self.seq_id, tokens, self.num_computed, self.block_table, self.params, do_sample=done,
+                  prompt_token_ids=self.prompt, output_token_ids=self.output)
+        self.num_computed = end
+        return c
+
+
+def _generate(runner, seqs, steps: int, chunk_budget: int):
+    """A toy scheduler: every sequence gets a chunk of up to chunk_budget tokens each step."""
+    for _ in range(steps):
+        chunks = [s.next_chunk(chunk_budget) for s in seqs]
+        # decodes and prefills mixed in arbitrary order: the runner must keep chunk order
+        chunks = chunks[::-1]
+        out = runner.run(batch(chunks))
+        sampled = [c for c in chunks if c.do_sample]
+        assert len(out.sampled_token_ids) == len(sampled)
+        by_id = {s.seq_id: s for s in seqs}
+        for c, token in zip(sampled, out.sampled_token_ids):
+            by_id[c.seq_id].output.append(token)
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_greedy_generation_matches_transformers(tiny_model_dir, block_size):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=block_size, num_kv_blocks=300))
+    prompts = _prompts(runner.vocab_size, (3, 21, 9))
+    alloc = BlockAllocator(runner.num_kv_blocks)
+    seqs = [_Seq(i, p, GREEDY, block_size, alloc) for i, p in enumerate(prompts)]
+    _generate(runner, seqs, steps=12, chunk_budget=8)  # the 21-token prompt takes 3 chunks
+    for s in seqs:
+        n = len(s.output)
+        assert n >= 8
+        assert s.output == _hf_greedy(tiny_model_dir, s.prompt, n), s.seq_id
+
+
+def test_kv_cache_allocation(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=37))
+    assert runner.num_kv_blocks == 37
+    assert len(runner.k_caches) == len(runner.v_caches) == runner.hf_config.num_hidden_layers
+    for layer, k, v in zip(runner.attention_layers, runner.k_caches, runner.v_caches):
+        assert k.shape == v.shape == (37, 4, runner.hf_config.num_key_value_heads, 16)
+        assert layer.k_cache is k and layer.v_cache is v
+    assert runner.graphs == {}  # CPU: always eager
+
+
+def test_default_cpu_kv_cache_covers_max_model_len(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, num_kv_blocks=None, max_model_len=256, max_num_seqs=4))
+    assert runner.num_kv_blocks >= 256 // 16
+    assert runner.num_kv_blocks <= 4 * 256 // 16
+
+
+def test_run_output_follows_chunk_order_and_do_sample(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=64))
+    a, b, c = _prompts(runner.vocab_size, (10, 6, 5), seed=1)
+    # step 1: all prefills; A only partly (no sample)
+    out = runner.run(batch([chunk(0, a[:7], 0, [0, 1, 2], do_sample=False),
+                            chunk(1, b, 0, [10, 11]), chunk(2, c, 0, [20, 21])]))
+    assert len(out.sampled_token_ids) == 2
+    tb, tc = out.sampled_token_ids
+    # step 2: decodes listed after a prefill chunk; output must follow the chunk order
+    out2 = runner.run(batch([chunk(0, a[7:], 7, [0, 1, 2]),
+                             chunk(2, [tc], 5, [20, 21], prompt_token_ids=c, output_token_ids=[tc]),
+                             chunk(1, [tb], 6, [10, 11], prompt_token_ids=b, output_token_ids=[tb])]))
+    assert isinstance(out2, RunnerOutput) and len(out2.sampled_token_ids) == 3
+    # the same, each alone (fresh blocks): the same tokens
+    alone = [
+        runner.run(batch([chunk(0, a, 0, [30, 31, 32])])).sampled_token_ids[0],
+        runner.run(batch([chunk(2, c + [tc], 0, [40, 41])])).sampled_token_ids[0],
+        runner.run(batch([chunk(1, b + [tb], 0, [50, 51])])).sampled_token_ids[0],
+    ]
+    assert out2.sampled_token_ids == alone
+    assert runner.run(batch([])).sampled_token_ids == []
+
+
+def test_block_table_too_short_is_an_error(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16))
+    with pytest.raises(ValueError, match="block table"):
+        runner.run(batch([chunk(0, list(range(3, 12)), 0, [0, 1])]))
+
+
+def test_seeded_sampling_same_alone_and_in_batch(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=200))
+    prompts = _prompts(runner.vocab_size, (7, 12, 4, 9), seed=4)
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=100)
+
+    def generate(with_others: bool):
+        alloc = BlockAllocator(runner.num_kv_blocks, seed=int(with_others))
+        seqs = [_Seq(0, prompts[0], seeded, 4, alloc)]
+        if with_others:
+            seqs += [_Seq(i, p, SamplingParams(temperature=1.0, top_k=20), 4, alloc)
+                     for i, p in enumerate(prompts[1:], start=1)]
+        _generate(runner, seqs, steps=8, chunk_budget=5)
+        return seqs[0].output
+
+    first = generate(False)
+    assert len(first) >= 6
+    assert generate(True) == first
+    assert generate(False) == first
+
+
+def test_logprobs_through_the_runner(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16))
+    (prompt,) = _prompts(runner.vocab_size, (6,), seed=5)
+    c = chunk(0, prompt, 0, [0, 1], SamplingParams(temperature=0.0, logprobs=3))
+    (logits,) = runner.compute_chunk_logits([chunk(0, prompt, 0, [2, 3])])
+    raw = torch.log_softmax(logits[-1], -1)
+    out = runner.run(batch([c]))
+    (lp,) = out.logprobs
+    assert out.sampled_token_ids == [int(raw.argmax())]
+    assert lp.rank == 1 and lp.logprob == pytest.approx(raw.max().item(), abs=1e-5)
+    assert [t for t, _ in lp.top] == raw.topk(3).indices.tolist()
+
+
+def test_dummy_load_format_runs(tiny_model_dir):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16, load_format="dummy"))
+    out = runner.run(batch([chunk(0, [3, 4, 5], 0, [0])]))
+    assert len(out.sampled_token_ids) == 1 and 0 <= out.sampled_token_ids[0] < runner.vocab_size
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph: replay() runs the model on the static buffers, exactly
+    what the captured graph does on the GPU."""
+
+    def __init__(self, runner, bs):
+        self.runner, self.bs = runner, bs
+
+    def replay(self):
+        r, bs = self.runner, self.bs
+        with forward_context(r._graph_metadata(bs)):
+            r._g_hidden[:bs] = r.model(r._g_input_ids[:bs], r._g_positions[:bs])
+
+
+def test_graph_replay_bookkeeping_matches_eager(tiny_model_dir):
+    """Pure-decode batches go through the static buffers (padding rows: slot -1, length 0) of the
+    smallest bucket that fits; mixed batches and oversized ones run eagerly; results equal eager."""
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=200, max_num_seqs=6))
+    buckets = runner.graph_batch_size_buckets()
+    assert buckets == [1, 2, 4, 6]
+    runner._allocate_graph_buffers(buckets[-1])
+    replays = []
+
+    class Recording(_EagerGraph):
+        def replay(self):
+            replays.append(self.bs)
+            super().replay()
+
+    graph_params = SamplingParams(temperature=0.0, logprobs=2)
+    prompts = _prompts(runner.vocab_size, (5, 9, 3), seed=6)
+
+    def decode_run(use_graphs: bool, alloc_seed: int):
+        runner.graphs = {bs: Recording(runner, bs) for bs in buckets} if use_graphs else {}
+        runner.graph_batch_sizes = sorted(runner.graphs)
+        alloc = BlockAllocator(runner.num_kv_blocks, seed=alloc_seed)
+        seqs = [_Seq(i, p, graph_params, 4, alloc) for i, p in enumerate(prompts)]
+        results = []
+        for _ in range(5):
+            chunks = [s.next_chunk(16) for s in seqs]
+            out = runner.run(batch(chunks))
+            results.append((out.sampled_token_ids, [lp.logprob for lp in out.logprobs]))
+            for s, t in zip(seqs, out.sampled_token_ids):
+                s.output.append(t)
+        return results
+
+    eager = decode_run(False, 0)
+    graphed = decode_run(True, 1)
+    assert replays == [4, 4, 4, 4]  # first step is a prefill (eager); 3 decodes -> bucket 4
+    for (ids_e, lp_e), (ids_g, lp_g) in zip(eager, graphed):
+        assert ids_e == ids_g
+        assert lp_g == pytest.approx(lp_e, abs=1e-5)
+    # the padding row stored nothing: slot -1 kept, context length 0
+    assert runner._g_slot_mapping[3].item() == -1 and runner._g_context_lens[3].item() == 0
+
+
+def _gpu_ready() -> bool:
+    import os
+
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and TRITON_INTERPRET=0")
+def test_cuda_profiling_and_graphs_match_eager(tiny_model_dir):
+    """On a GPU: the KV cache is sized by profiling, decode batches replay CUDA graphs, and the
+    graph path samples the same tokens (and logprobs) as the eager path."""
+    common = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=None,
+                  gpu_memory_utilization=0.3, max_num_seqs=8, max_model_len=512)
+    eager = ModelRunner(runner_config(tiny_model_dir, enforce_eager=True, **common))
+    graphed = ModelRunner(runner_config(tiny_model_dir, enforce_eager=False, **common))
+    assert eager.num_kv_blocks > 100 and not eager.graphs
+    assert graphed.graph_batch_sizes == [1, 2, 4, 8]
+    params = SamplingParams(temperature=0.0, logprobs=2)
+    prompts = _prompts(eager.vocab_size, (5, 30, 17), seed=7)
+    results = []
+    for runner in (eager, graphed):
+        alloc = BlockAllocator(64)
+        seqs = [_Seq(i, p, params, 16, alloc) for i, p in enumerate(prompts)]
+        steps = []
+        for _ in range(6):
+            chunks = [s.next_chunk(64) for s in seqs]
+            out = runner.run(batch(chunks))
+            steps.append((out.sampled_token_ids, [lp.logprob for lp in out.logprobs]))
+            for s, t in zip(seqs, out.sampled_token_ids):
+                s.output.append(t)
+        results.append(steps)
+    for (ids_e, lp_e), (ids_g, lp_g) in zip(*results):
+        assert ids_e == ids_g
+        assert lp_g == pytest.approx(lp_e, abs=1e-3)
+    for s in seqs:
+        assert s.output == _hf_greedy(tiny_model_dir, s.prompt, len(s.output))
+    eager.shutdown()
+    graphed.shutdown()
