@@ -81,6 +81,16 @@ def build_tokenizer(kind: str = "byte_level", vocab_size: int = 384):
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'byte_level' or 'sentencepiece'")
     tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    if kind == "sentencepiece":
+        # The trainer registers the byte-fallback tokens as special added tokens, so that
+        # decode(skip_special_tokens=True) would drop every byte-fallback character; in real
+        # SentencePiece models they are ordinary vocabulary.
+        d = json.loads(tok.to_str())
+        d["added_tokens"] = [
+            a for a in d["added_tokens"]
+            if not (a["content"].startswith("<0x") and len(a["content"]) == 6)
+        ]
+        tok = Tokenizer.from_str(json.dumps(d))
     return tok, special
 
 
