@@ -2,6 +2,9 @@
 
 The engine calls the launchers on CUDA and the ``*_ref`` functions on CPU; both take the same
 arguments. Importing this package needs no GPU.
+
+Note: the launchers re-exported here share their modules' names, so ``kernels.rms_norm`` is the
+function; reach a module itself with ``importlib.import_module("kernels.rms_norm")``.
 """
 
 from .activation import silu_and_mul, silu_and_mul_ref
