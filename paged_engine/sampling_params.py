@@ -1,0 +1,192 @@
+"""SamplingParams: per-request generation parameters, validated on construction.
+
+Semantics follow vLLM: `temperature=0` is greedy; `top_k` -1 (or 0) disables top-k; penalties as
+in vLLM (repetition over prompt + output, presence/frequency over the output); `logprobs=N` returns
+the sampled token's logprob plus the top-N of the raw model distribution; `min_tokens` suppresses
+EOS, `stop_token_ids` and stop strings until that many tokens were generated.
+
+`SamplingParams.from_dict` accepts vllm_backend style JSON where values may be strings
+("0.7", "true", "[1, 2]"); an unknown key or a bad value raises ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from paged_engine.config import check_known_keys, parse_bool, parse_float, parse_int
+
+# Most top-N logprobs a request may ask for (vLLM's default max_logprobs, OpenAI's limit).
+MAX_LOGPROBS = 20
+# Sampling with temperature below this is greedy (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+
+
+def _parse_json_maybe(value: Any) -> Any:
+    if isinstance(value, str):
+        v = value.strip()
+        if v[:1] in ("[", "{"):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError:
+                return value
+    return value
+
+
+@dataclass
+class SamplingParams:
+    """Generation parameters of one request.
+
+    Args:
+        n: number of output sequences sampled from the prompt (they share its KV blocks).
+        max_tokens: most tokens to generate per output (None: up to max_model_len).
+        min_tokens: tokens to generate before EOS / stop_token_ids / stop strings may end it.
+        temperature: 0 = greedy.
+        top_p: nucleus probability in (0, 1].
+        top_k: keep the k most likely tokens; -1 (or 0) = all.
+        min_p: drop tokens whose probability is below min_p * max probability, in [0, 1].
+        seed: per-request seed; the same request then samples the same tokens in any batch.
+            With n > 1, output i uses seed + i.
+        stop: string or list of strings ending the output (not included unless
+            include_stop_str_in_output).
+        stop_token_ids: token ids ending the output (kept in token_ids, not in text).
+        include_stop_str_in_output: keep the matched stop string (or stop token's text).
+        ignore_eos: keep generating after EOS.
+        repetition_penalty: > 0; 1 = off.
+        presence_penalty, frequency_penalty: in [-2, 2]; 0 = off.
+        logprobs: None, or top-N (0..20) logprobs to return per generated token.
+        skip_special_tokens: drop special tokens from the text.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    # Filled by the engine: stop_token_ids plus the model's EOS ids unless ignore_eos. The
+    # sampler masks these while fewer than min_tokens were generated.
+    all_stop_token_ids: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.n = parse_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        self.max_tokens = parse_int("max_tokens", self.max_tokens, allow_none=True)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.min_tokens = parse_int("min_tokens", self.min_tokens)
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
+        self.temperature = parse_float("temperature", self.temperature)
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = parse_float("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.top_k = parse_int("top_k", self.top_k)
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        self.min_p = parse_float("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self.seed = parse_int("seed", self.seed, allow_none=True)
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+
+        stop = _parse_json_maybe(self.stop)
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif isinstance(stop, (list, tuple)):
+            stop = list(stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain non-empty strings, got {s!r}")
+        self.stop = stop
+
+        ids = _parse_json_maybe(self.stop_token_ids)
+        if ids is None:
+            ids = []
+        elif isinstance(ids, (int, str)) and not isinstance(ids, bool):
+            ids = [ids]
+        elif not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+        ids = [parse_int("stop_token_ids", t) for t in ids]
+        if any(t < 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be non-negative, got {ids}")
+        self.stop_token_ids = ids
+
+        self.include_stop_str_in_output = parse_bool(
+            "include_stop_str_in_output", self.include_stop_str_in_output
+        )
+        self.ignore_eos = parse_bool("ignore_eos", self.ignore_eos)
+        self.repetition_penalty = parse_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.presence_penalty = parse_float("presence_penalty", self.presence_penalty)
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        self.frequency_penalty = parse_float("frequency_penalty", self.frequency_penalty)
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        self.logprobs = parse_int("logprobs", self.logprobs, allow_none=True)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        self.skip_special_tokens = parse_bool("skip_special_tokens", self.skip_special_tokens)
+        self.all_stop_token_ids = frozenset(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingParams":
+        """Build from a JSON-like dict whose values may be strings; ValueError names bad keys."""
+        if isinstance(d, str):
+            try:
+                d = json.loads(d) if d.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"sampling_parameters is not valid JSON: {e}") from None
+        check_known_keys("SamplingParams", d, cls.field_names())
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def _for_engine(self, eos_token_ids: frozenset, index: int = 0) -> "SamplingParams":
+        """The engine's private copy for output `index`: n=1, seed+index, stop ids with EOS."""
+        p = dataclasses.replace(self, n=1)
+        if self.seed is not None and index:
+            p.seed = self.seed + index
+        stop_ids = set(self.stop_token_ids)
+        if not self.ignore_eos:
+            stop_ids |= set(eos_token_ids)
+        p.all_stop_token_ids = frozenset(stop_ids)
+        return p
