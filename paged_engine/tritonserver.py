@@ -134,6 +134,27 @@ def stub_python_dir() -> str:
     return str(d)
 
 
+def stub_library_path(binary: str) -> list[str]:
+    """Library directories the stub must search first.
+
+    The stub links `libpython3.X.so`: it has to be this interpreter's own, since the standard
+    library's extension modules are built against it (a distribution's older libpython of the
+    same minor version lacks symbols they use). The pip build's stub also finds its bundled
+    CUDA runtime through an RPATH relative to its original location, which a copy no longer has.
+    """
+    import sysconfig
+
+    dirs = []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlibrary = sysconfig.get_config_var("LDLIBRARY")
+    if libdir and ldlibrary and (Path(libdir) / ldlibrary).exists():
+        dirs.append(libdir)
+    libs = Path(binary).resolve().parents[3] / "nvidia_pytriton.libs"
+    if libs.is_dir():
+        dirs.append(str(libs))
+    return dirs
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -225,12 +246,8 @@ class TritonServer:
         # not installed still needs to be importable from the model files.
         project_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        libs = Path(self.binary).resolve().parents[3] / "nvidia_pytriton.libs"
-        if libs.is_dir():
-            # The pip build's stub finds its bundled CUDA runtime through an RPATH relative to
-            # its original location, which the copied stub no longer has.
-            env["LD_LIBRARY_PATH"] = str(libs) + (
-                os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            stub_library_path(self.binary) + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
         env.update(self.env)
         self._log = open(self.log_file, "ab")
         self._proc = subprocess.Popen(
