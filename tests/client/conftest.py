@@ -10,12 +10,6 @@ import pytest
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory, tiny_model_dir, triton_server_factory):
     """A started TritonServer with paged_llm, preprocessing, postprocessing and ensemble."""
-    from paged_engine.tritonserver import TritonServerError, find_tritonserver
-
-    try:
-        find_tritonserver()
-    except TritonServerError as e:
-        pytest.skip(str(e))
     from paged_engine.serving.repository import prepare_model_repository
 
     repo = prepare_model_repository(tmp_path_factory.mktemp("client-repo"), tiny_model_dir,

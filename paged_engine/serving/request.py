@@ -1,0 +1,250 @@
+"""Turn one Triton request for `paged_llm` into an engine request, or an error naming the problem.
+
+Sampling settings come as vllm_backend clients send them:
+
+1. `sampling_parameters`: a JSON object; values may be strings ("0.7", "true").
+2. The request's parameters, when `sampling_parameters` is absent, so that Triton's HTTP
+   `/v2/models/paged_llm/generate` works with plain JSON keys
+   (`{"text_input": ..., "max_tokens": 8}`: keys that name no model input become request
+   parameters, so paged_llm has no input named like a sampling key).
+
+TensorRT-LLM style tensors (`max_tokens`, `temperature`, `stop_words`, `end_id`, ...) arrive at
+the ensemble; its preprocessing model turns them into `sampling_parameters` with
+`trtllm_sampling_settings`.
+
+Parsing runs in `execute`, touches no engine state and is thread-safe, so a bad request is
+answered at once without waiting for the engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+# Request parameters that Triton's own front ends add; they are not sampling settings.
+_RESERVED_PARAMETER_PREFIXES = ("triton_",)
+_RESERVED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start",
+                                  "sequence_end", "headers", "binary_data_output"})
+
+# TensorRT-LLM style scalar tensors that map one to one onto SamplingParams fields.
+_SCALAR_SAMPLING_TENSORS = {
+    "max_tokens": int,
+    "min_tokens": int,
+    "top_k": int,
+    "top_p": float,
+    "temperature": float,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "seed": int,
+}
+
+_BOOL_INPUTS = (
+    "stream",
+    "exclude_input_in_output",
+    "return_finish_reason",
+    "return_cumulative_logprob",
+    "return_logprobs",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message names the problem (INVALID_ARG)."""
+
+
+@dataclass
+class ParsedRequest:
+    """Everything the engine thread and the response builder need from one request."""
+
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    params: Any  # SamplingParams
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    return_finish_reason: bool = False
+    return_cumulative_logprob: bool = False
+    return_logprobs: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+    # Token-level outputs for the ensemble's stateless postprocessing (output_ids window,
+    # cum_log_probs, output_log_probs); on whenever the prompt came as input_ids.
+    token_outputs: bool = False
+
+
+def _scalar(array: np.ndarray, name: str):
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(
+            f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+    value = flat[0]
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"input '{name}' is not valid UTF-8: {e}") from None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _strings(array: np.ndarray, name: str) -> list[str]:
+    out = []
+    for value in np.asarray(array).reshape(-1):
+        if isinstance(value, (bytes, np.bytes_)):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RequestError(f"input '{name}' is not valid UTF-8: {e}") from None
+        elif not isinstance(value, str):
+            value = str(value)
+        out.append(value)
+    return out
+
+
+def _parse_json_object(text: str, what: str) -> dict:
+    try:
+        obj = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise RequestError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def trtllm_sampling_settings(get_input: Callable[[str], np.ndarray | None]) -> dict:
+    """Sampling settings from TensorRT-LLM style tensors (the ensemble's front door).
+
+    Args:
+        get_input: name -> numpy array of that input tensor, or None when absent.
+    Returns:
+        A dict of SamplingParams keys (the preprocessing model sends it on as
+        `sampling_parameters`).
+    Raises:
+        RequestError naming the problem.
+    """
+    settings: dict = {}
+    for name, kind in _SCALAR_SAMPLING_TENSORS.items():
+        array = get_input(name)
+        if array is not None:
+            value = _scalar(array, name)
+            try:
+                settings[name] = kind(value)
+            except (TypeError, ValueError):
+                raise RequestError(f"input '{name}' must be a number, got {value!r}") from None
+    stop_words = get_input("stop_words")
+    if stop_words is not None:
+        words = [w for w in _strings(stop_words, "stop_words") if w]
+        if words:  # TensorRT-LLM clients send [""] for none
+            settings["stop"] = words
+    bad_words = get_input("bad_words")
+    if bad_words is not None and any(_strings(bad_words, "bad_words")):
+        raise RequestError("input 'bad_words' is not supported by this engine; send it empty")
+    end_id = get_input("end_id")
+    if end_id is not None:
+        value = _scalar(end_id, "end_id")
+        if not isinstance(value, int) or value < 0:
+            raise RequestError(f"input 'end_id' must be a non-negative token id, got {value!r}")
+        settings["stop_token_ids"] = [value]  # the model's EOS ids stop it as well
+    return_log_probs = get_input("return_log_probs")
+    if return_log_probs is not None and bool(_scalar(return_log_probs, "return_log_probs")):
+        settings["logprobs"] = 0  # the chosen token's logprob is all output_log_probs needs
+    # pad_id only shapes padded batch outputs in TensorRT-LLM; ours are never padded.
+    pad_id = get_input("pad_id")
+    if pad_id is not None:
+        _scalar(pad_id, "pad_id")
+    return settings
+
+
+def parse_request(
+    get_input: Callable[[str], np.ndarray | None],
+    parameters_json: str,
+    sampling_params_from_dict: Callable[[dict], Any],
+) -> ParsedRequest:
+    """Parse one request.
+
+    Args:
+        get_input: name -> numpy array of that input tensor, or None when absent.
+        parameters_json: the request's parameters as Triton hands them over (a JSON object string).
+        sampling_params_from_dict: `SamplingParams.from_dict` (raises ValueError naming the field).
+    Returns:
+        A ParsedRequest.
+    Raises:
+        RequestError naming the problem.
+    """
+    flags: dict[str, bool] = {}
+    for name in _BOOL_INPUTS:
+        array = get_input(name)
+        if array is not None:
+            value = _scalar(array, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise RequestError(f"input '{name}' must be BOOL, got {type(value).__name__}")
+            flags[name] = bool(value)
+
+    # Prompt: text or token ids, exactly one.
+    prompt = prompt_token_ids = None
+    text_array, ids_array = get_input("text_input"), get_input("input_ids")
+    if text_array is not None and ids_array is not None:
+        raise RequestError("give either 'text_input' or 'input_ids', not both")
+    if text_array is not None:
+        prompt = _scalar(text_array, "text_input")
+        if not isinstance(prompt, str):
+            raise RequestError("input 'text_input' must be a string")
+        if prompt == "":
+            raise RequestError("input 'text_input' is empty: the prompt needs at least one token")
+    elif ids_array is not None:
+        ids = np.asarray(ids_array).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise RequestError(f"input 'input_ids' must be integers, got {ids.dtype}")
+        if ids.size == 0:
+            raise RequestError("input 'input_ids' is empty: the prompt needs at least one token")
+        if (ids < 0).any():
+            raise RequestError("input 'input_ids' holds negative token ids")
+        prompt_token_ids = [int(t) for t in ids]
+    else:
+        raise RequestError("missing prompt: give 'text_input' (or 'input_ids')")
+
+    # Sampling settings: sampling_parameters JSON, else the request's parameters; tensors override.
+    sp_array = get_input("sampling_parameters")
+    if sp_array is not None:
+        text = _scalar(sp_array, "sampling_parameters")
+        settings = _parse_json_object(text, "input 'sampling_parameters'")
+    else:
+        settings = {
+            k: v for k, v in _parse_json_object(parameters_json, "request parameters").items()
+            if k not in _RESERVED_PARAMETERS and not k.startswith(_RESERVED_PARAMETER_PREFIXES)
+        }
+    token_outputs = prompt_token_ids is not None
+    if flags.get("return_logprobs") and settings.get("logprobs") in (None, "", "null", "None"):
+        # vllm_backend answers null without `logprobs`; the chosen token's logprob is better.
+        settings["logprobs"] = 0
+
+    try:
+        params = sampling_params_from_dict(settings)
+    except (ValueError, TypeError) as e:
+        raise RequestError(f"bad sampling parameters: {e}") from None
+
+    stream = flags.get("stream", False)
+    exclude = flags.get("exclude_input_in_output")
+    if stream and exclude is False:
+        raise RequestError(
+            "streaming with 'exclude_input_in_output' = false is not allowed: "
+            "a stream sends only generated text"
+        )
+    if exclude is None:
+        exclude = stream
+    return ParsedRequest(
+        prompt=prompt,
+        prompt_token_ids=prompt_token_ids,
+        params=params,
+        stream=stream,
+        exclude_input_in_output=exclude,
+        return_finish_reason=flags.get("return_finish_reason", False),
+        return_cumulative_logprob=flags.get("return_cumulative_logprob", False),
+        return_logprobs=flags.get("return_logprobs", False),
+        return_num_input_tokens=flags.get("return_num_input_tokens", False),
+        return_num_output_tokens=flags.get("return_num_output_tokens", False),
+        token_outputs=token_outputs,
+    )
