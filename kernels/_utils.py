@@ -54,6 +54,37 @@ def check_dtype(op: str, name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, 
         raise ValueError(f"{op}: {name} must be one of ({allowed}), got {str(t.dtype).replace('torch.', '')}")
 
 
+def check_paged_attention(
+    op: str, q: torch.Tensor, q_layout: str, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, context_lens: torch.Tensor, out: torch.Tensor | None,
+) -> None:
+    """The checks both paged attention launchers share: q against the cache, the block tables and
+    lengths, dtypes and ``out``. The caller checks what is its own (rows per sequence)."""
+    check_dim(op, "q", q, 3, q_layout)
+    check_dim(op, "k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    check_dim(op, "v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
+    check_dim(op, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]")
+    check_dim(op, "context_lens", context_lens, 1, "[num_seqs]")
+    _, num_heads, head_dim = q.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"{op}: q head_dim {head_dim} != k_cache head_dim {k_cache.shape[3]}")
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"{op}: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    num_seqs = context_lens.shape[0]
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"{op}: block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    check_dtype(op, "q", q, ATTN_DTYPES)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_dtype(op, "block_tables", block_tables, (torch.int32,))
+    check_dtype(op, "context_lens", context_lens, (torch.int32,))
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: exact fp32 products for fp32 inputs (so the interpreter and
     the tests compare closely); for 16-bit inputs the argument is ignored and tensor cores are used."""

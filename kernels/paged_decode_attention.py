@@ -28,10 +28,9 @@ import triton
 import triton.language as tl
 
 from ._utils import (
-    ATTN_DTYPES,
     cdiv,
     check_dim,
-    check_dtype,
+    check_paged_attention,
     check_kernel_device,
     check_last_dim_contiguous,
     dot_precision,
@@ -247,29 +246,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, de
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     check_dim(_OP, "q", q, 3, "[num_seqs, num_heads, head_dim]")
-    check_dim(_OP, "k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
-    check_dim(_OP, "v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
-    check_dim(_OP, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]")
     check_dim(_OP, "context_lens", context_lens, 1, "[num_seqs]")
-    num_seqs, num_heads, head_dim = q.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{_OP}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"{_OP}: q head_dim {head_dim} != k_cache head_dim {k_cache.shape[3]}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"{_OP}: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"{_OP}: block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    if context_lens.shape[0] != num_seqs:
-        raise ValueError(f"{_OP}: context_lens has {context_lens.shape[0]} entries for {num_seqs} sequences")
-    check_dtype(_OP, "q", q, ATTN_DTYPES)
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"{_OP}: q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    check_dtype(_OP, "block_tables", block_tables, (torch.int32,))
-    check_dtype(_OP, "context_lens", context_lens, (torch.int32,))
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
-        raise ValueError(f"{_OP}: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if context_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"{_OP}: context_lens has {context_lens.shape[0]} entries for {q.shape[0]} sequences")
+    check_paged_attention(_OP, q, "[num_seqs, num_heads, head_dim]", k_cache, v_cache,
+                          block_tables, context_lens, out)
 
 
 def paged_decode_attention(

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (
-    ATTN_DTYPES,
     check_dim,
+    check_paged_attention,
     check_dtype,
     check_kernel_device,
     check_last_dim_contiguous,
@@ -167,35 +167,15 @@ def _paged_prefill_kernel(
 
 
 def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out) -> None:
-    check_dim(_OP, "q", q, 3, "[total_q_tokens, num_heads, head_dim]")
-    check_dim(_OP, "k_cache", k_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
-    check_dim(_OP, "v_cache", v_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]")
-    check_dim(_OP, "block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]")
+    check_paged_attention(_OP, q, "[total_q_tokens, num_heads, head_dim]", k_cache, v_cache,
+                          block_tables, context_lens, out)
     check_dim(_OP, "cu_seqlens_q", cu_seqlens_q, 1, "[num_seqs + 1]")
-    check_dim(_OP, "context_lens", context_lens, 1, "[num_seqs]")
-    _, num_heads, head_dim = q.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{_OP}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"{_OP}: q head_dim {head_dim} != k_cache head_dim {k_cache.shape[3]}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"{_OP}: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     num_seqs = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != num_seqs + 1:
         raise ValueError(
             f"{_OP}: cu_seqlens_q has {cu_seqlens_q.shape[0]} entries, expected num_seqs + 1 = {num_seqs + 1}"
         )
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"{_OP}: block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    check_dtype(_OP, "q", q, ATTN_DTYPES)
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"{_OP}: q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    check_dtype(_OP, "block_tables", block_tables, (torch.int32,))
     check_dtype(_OP, "cu_seqlens_q", cu_seqlens_q, (torch.int32,))
-    check_dtype(_OP, "context_lens", context_lens, (torch.int32,))
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
-        raise ValueError(f"{_OP}: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
 
 
 def _tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int) -> tuple[int, int, int, int]:
