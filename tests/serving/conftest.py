@@ -48,6 +48,12 @@ def serving_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def engine_args() -> dict:
+    """The engine arguments of every server (and of the offline reference) in tests/serving."""
+    return dict(ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
 def offline_llm(serving_model_dir):
     """The offline reference: the same model and engine arguments as the server's."""
     from paged_engine import LLM
