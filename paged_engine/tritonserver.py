@@ -47,7 +47,12 @@ def _pytriton_home() -> Path | None:
 
 
 def find_tritonserver() -> str:
-    """Path of a tritonserver binary: the `server` extra first, then PATH, then the NGC location."""
+    """Path of a tritonserver binary: $TRITONSERVER, the `server` extra, PATH, the NGC location."""
+    explicit = os.environ.get("TRITONSERVER")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise TritonServerError(f"TRITONSERVER={explicit} is not an executable file")
+        return explicit
     home = _pytriton_home()
     if home is not None:
         return str(home / "bin" / "tritonserver")
@@ -115,10 +120,15 @@ def prepare_backends(binary: str) -> str:
 def stub_python_dir() -> str:
     """A directory whose `python3` is this interpreter, to put first on PATH for the stub.
 
+    $TRITON_STUB_BIN, when set, names that directory instead.
+
     The interpreter's own directory when it holds a `python3` (a virtual environment is found
     through the pyvenv.cfg beside it, so a symlink elsewhere would lose the venv's packages);
     otherwise a cache directory with a `python3` symlink.
     """
+    explicit = os.environ.get("TRITON_STUB_BIN")
+    if explicit:  # a prepared environment (e.g. numpy<2 where this interpreter has numpy 2)
+        return explicit
     own = Path(sys.executable).parent
     if (own / "python3").exists() and (own / "python3").resolve() == Path(sys.executable).resolve():
         return str(own)

@@ -49,10 +49,17 @@ def test_port_in_use_is_reported(tiny_model_dir):
 
 
 def test_no_tritonserver_found(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITONSERVER", raising=False)
     monkeypatch.setattr(tritonserver, "_pytriton_home", lambda: None)
     monkeypatch.setattr(tritonserver, "NGC_TRITON_HOME", tmp_path / "none")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(tritonserver.TritonServerError, match="no tritonserver found"):
+        tritonserver.find_tritonserver()
+
+
+def test_tritonserver_env_must_name_an_executable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITONSERVER", str(tmp_path / "missing"))
+    with pytest.raises(tritonserver.TritonServerError, match="not an executable"):
         tritonserver.find_tritonserver()
 
 
