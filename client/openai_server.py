@@ -37,7 +37,7 @@ logger = logging.getLogger("paged_client.openai")
 # which the openai client sends through `extra_body`).
 _PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                 "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                "include_stop_str_in_output", "skip_special_tokens")
+                "include_stop_str_in_output", "skip_special_tokens", "bad_words")
 # Fields we accept and ignore (they do not change generation).
 _IGNORED = ("model", "user", "stream", "stream_options", "n", "echo", "suffix", "prompt",
             "messages", "max_tokens", "max_completion_tokens", "stop", "logprobs", "top_logprobs",

@@ -33,7 +33,7 @@ TRTLLM = "trtllm"
 VLLM_SAMPLING_KEYS = (
     "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens",
+    "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens", "bad_words",
 )
 
 

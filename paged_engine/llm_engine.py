@@ -183,7 +183,10 @@ class LLMEngine:
                 f"n={params.n} is larger than the number of sequences the engine runs at once "
                 f"({self.scheduler.max_num_seqs}: min(max_num_seqs, max_num_batched_tokens))"
             )
-        child_params = [params._for_engine(self.eos_token_ids, i) for i in range(params.n)]
+        bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        child_params = [
+            params._for_engine(self.eos_token_ids, i, bad_words_token_ids) for i in range(params.n)
+        ]
         with self._lock:
             if request_id in self.requests:
                 raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
@@ -194,6 +197,30 @@ class LLMEngine:
                 self._init_output_state(seq)
             self.requests[request_id] = request
             self.scheduler.add_request(request)
+
+    def _bad_words_token_ids(self, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """Token-id sequences of bad_words, as vLLM's `SamplingParams.update_from_tokenizer`.
+
+        Each word, leading spaces stripped, is tokenized without special tokens as it is, and
+        again after a space (the form it takes inside a text with byte-level BPE and
+        SentencePiece tokenizers); the spaced form is kept only where it yields a different
+        first token and as many tokens (vLLM's rule). Duplicates are dropped.
+        """
+        sequences: dict[tuple[int, ...], None] = {}  # insertion-ordered set
+        for word in bad_words:
+            plain = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise ValueError(f"bad_words: {word!r} tokenizes to no tokens")
+            sequences[plain] = None
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences[spaced] = None
+        bad = sorted({t for ids in sequences for t in ids if not 0 <= t < self.vocab_size})
+        if bad:
+            raise ValueError(
+                f"bad_words tokenize to ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
+        return tuple(sequences)
 
     def _prompt_token_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if prompt_token_ids is not None:

@@ -4,7 +4,9 @@ One call samples one token for each row of a logits batch, each row with its own
 
   raw logprobs (log_softmax of the model's logits, vLLM's default): the sampled token's
       logprob and rank for every row, the top-N where params.logprobs = N
-  -> min_tokens: mask EOS and stop_token_ids while fewer than min_tokens tokens were generated
+  -> banned tokens, one masked write for the batch: EOS and stop_token_ids while fewer than
+     min_tokens tokens were generated; bad words (vLLM v1 `apply_bad_words`: a one-token bad
+     word always, the last token of a longer one when the generated tokens end with the rest)
   -> penalties: repetition over prompt+output, presence/frequency over output (vLLM semantics)
   -> greedy rows: argmax;  random rows: / temperature -> min_p -> top_k -> top_p -> sample
 
@@ -130,6 +132,33 @@ def exponential_noise(
     return noise
 
 
+def bad_words_banned_ids(
+    bad_words_token_ids: Sequence[Sequence[int]], output_token_ids: Sequence[int]
+) -> list[int]:
+    """Token ids that would complete a bad word if sampled next (vLLM v1 `apply_bad_words`).
+
+    Args:
+        bad_words_token_ids: the tokenized bad words (params.bad_words_token_ids).
+        output_token_ids: the tokens generated so far (the prompt does not count, as in vLLM).
+    Returns:
+        The last token of every bad word whose other tokens end output_token_ids (all of them
+        for one-token words), in bad-word order, possibly repeated.
+    """
+    banned = []
+    num_output = len(output_token_ids)
+    for word in bad_words_token_ids:
+        prefix_len = len(word) - 1
+        if prefix_len == 0:
+            banned.append(word[0])
+        elif (
+            prefix_len <= num_output
+            and output_token_ids[-1] == word[-2]  # cheap reject before slicing
+            and tuple(output_token_ids[num_output - prefix_len:]) == tuple(word[:-1])
+        ):
+            banned.append(word[-1])
+    return banned
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -185,7 +214,7 @@ class Sampler:
         # alternatives only where params.logprobs asks for them.
         raw_logprobs = torch.log_softmax(logits, dim=-1)
 
-        self._mask_stop_tokens_for_min_tokens(logits, requests)
+        self.mask_banned_tokens(logits, requests)
         self._apply_penalties(logits, requests)
 
         greedy = [p.temperature < SAMPLING_EPS for p in params]
@@ -214,17 +243,31 @@ class Sampler:
             logprob_out.append(SampleLogprobs(chosen_host[i], ranks_host[i], top))
         return SamplerOutput(ids_host, logprob_out)
 
-    def _mask_stop_tokens_for_min_tokens(self, logits: torch.Tensor, requests: Sequence) -> None:
+    def mask_banned_tokens(self, logits: torch.Tensor, requests: Sequence) -> None:
+        """Set to -inf, in place, the logits of tokens a row may not sample this step.
+
+        That is the stop tokens (EOS unless ignore_eos, stop_token_ids) while fewer than
+        min_tokens tokens were generated, and the tokens that would complete a bad word. The
+        (row, token) pairs are found on the host, where the token ids already are, and written
+        with one indexed store: no device->host sync, one small non-blocking upload.
+        """
         rows, cols = [], []
         for i, r in enumerate(requests):
             p = r.params
-            if len(r.output_token_ids) >= (p.min_tokens or 0):
-                continue
-            # all_stop_token_ids: the engine's stop set (stop_token_ids + its EOS unless ignore_eos)
-            stop_ids = set(p.stop_token_ids or ()) | set(getattr(p, "all_stop_token_ids", ()) or ())
-            if not p.ignore_eos:
-                stop_ids.update(self.eos_token_ids)
-            for t in stop_ids:
+            in_min_tokens = len(r.output_token_ids) < (p.min_tokens or 0)
+            bad_words = getattr(p, "bad_words_token_ids", ())
+            if not in_min_tokens and not bad_words:
+                continue  # the common decode row: nothing to mask
+            banned: set[int] = set()
+            if in_min_tokens:
+                # all_stop_token_ids: the engine's stop set (stop_token_ids + EOS unless ignore_eos)
+                banned.update(p.stop_token_ids or ())
+                banned.update(getattr(p, "all_stop_token_ids", ()) or ())
+                if not p.ignore_eos:
+                    banned.update(self.eos_token_ids)
+            if bad_words:
+                banned.update(bad_words_banned_ids(bad_words, r.output_token_ids))
+            for t in banned:
                 if 0 <= t < self.vocab_size:
                     rows.append(i)
                     cols.append(t)

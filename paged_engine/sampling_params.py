@@ -3,7 +3,8 @@
 Semantics follow vLLM: `temperature=0` is greedy; `top_k` -1 (or 0) disables top-k; penalties as
 in vLLM (repetition over prompt + output, presence/frequency over the output); `logprobs=N` returns
 the sampled token's logprob plus the top-N of the raw model distribution; `min_tokens` suppresses
-EOS, `stop_token_ids` and stop strings until that many tokens were generated.
+EOS, `stop_token_ids` and stop strings until that many tokens were generated; `bad_words` are
+words the output must not contain (the engine tokenizes them, see `bad_words_token_ids`).
 
 `SamplingParams.from_dict` accepts vllm_backend style JSON where values may be strings
 ("0.7", "true", "[1, 2]"); an unknown key or a bad value raises ValueError naming the field.
@@ -35,6 +36,21 @@ def _parse_json_maybe(value: Any) -> Any:
     return value
 
 
+def _string_list(name: str, value: Any) -> list[str]:
+    """None, a string, a list of strings, or such a list as a JSON string -> a list of strings."""
+    parsed = _parse_json_maybe(value)
+    if parsed is None:
+        return []
+    if isinstance(parsed, str):
+        return [parsed]
+    if not isinstance(parsed, (list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+    for s in parsed:
+        if not isinstance(s, str):
+            raise ValueError(f"{name} must contain strings, got {s!r}")
+    return list(parsed)
+
+
 @dataclass
 class SamplingParams:
     """Generation parameters of one request.
@@ -58,6 +74,10 @@ class SamplingParams:
         presence_penalty, frequency_penalty: in [-2, 2]; 0 = off.
         logprobs: None, or top-N (0..20) logprobs to return per generated token.
         skip_special_tokens: drop special tokens from the text.
+        bad_words: string or list of strings the output must not contain (vLLM semantics): each
+            is tokenized without and with a leading space, and the last token of such a
+            sequence is masked whenever the generated tokens end with the ones before it (a
+            one-token word is always masked). Only generated tokens count, not the prompt.
     """
 
     n: int = 1
@@ -77,6 +97,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    bad_words: str | list[str] | None = None
+    # Filled by the engine: the token-id sequences of bad_words (both spacings, deduplicated),
+    # which the sampler masks.
+    bad_words_token_ids: tuple = field(default=(), init=False, repr=False, compare=False)
     # Filled by the engine: stop_token_ids plus the model's EOS ids unless ignore_eos. The
     # sampler masks these while fewer than min_tokens were generated.
     all_stop_token_ids: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
@@ -113,19 +137,10 @@ class SamplingParams:
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 
-        stop = _parse_json_maybe(self.stop)
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif isinstance(stop, (list, tuple)):
-            stop = list(stop)
-        else:
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
-        for s in stop:
-            if not isinstance(s, str) or not s:
+        self.stop = _string_list("stop", self.stop)
+        for s in self.stop:
+            if not s:
                 raise ValueError(f"stop must contain non-empty strings, got {s!r}")
-        self.stop = stop
 
         ids = _parse_json_maybe(self.stop_token_ids)
         if ids is None:
@@ -156,6 +171,11 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         self.skip_special_tokens = parse_bool("skip_special_tokens", self.skip_special_tokens)
+        self.bad_words = _string_list("bad_words", self.bad_words)
+        for word in self.bad_words:
+            if not word.strip():
+                # vLLM strips the leading spaces; nothing would be left to tokenize.
+                raise ValueError(f"bad_words must contain non-blank strings, got {word!r}")
         self.all_stop_token_ids = frozenset(self.stop_token_ids)
 
     @property
@@ -180,9 +200,13 @@ class SamplingParams:
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.field_names()}
 
-    def _for_engine(self, eos_token_ids: frozenset, index: int = 0) -> "SamplingParams":
-        """The engine's private copy for output `index`: n=1, seed+index, stop ids with EOS."""
+    def _for_engine(
+        self, eos_token_ids: frozenset, index: int = 0, bad_words_token_ids: tuple = ()
+    ) -> "SamplingParams":
+        """The engine's private copy for output `index`: n=1, seed+index, stop ids with EOS,
+        and the tokenized bad_words (tuple of token-id tuples)."""
         p = dataclasses.replace(self, n=1)
+        p.bad_words_token_ids = tuple(tuple(ids) for ids in bad_words_token_ids)
         if self.seed is not None and index:
             p.seed = self.seed + index
         stop_ids = set(self.stop_token_ids)

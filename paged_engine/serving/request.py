@@ -8,8 +8,8 @@ Sampling settings come as vllm_backend clients send them:
    (`{"text_input": ..., "max_tokens": 8}`: keys that name no model input become request
    parameters, so paged_llm has no input named like a sampling key).
 
-TensorRT-LLM style tensors (`max_tokens`, `temperature`, `stop_words`, `end_id`, ...) arrive at
-the ensemble; its preprocessing model turns them into `sampling_parameters` with
+TensorRT-LLM style tensors (`max_tokens`, `temperature`, `stop_words`, `bad_words`, `end_id`, ...)
+arrive at the ensemble; its preprocessing model turns them into `sampling_parameters` with
 `trtllm_sampling_settings`.
 
 Parsing runs in `execute`, touches no engine state and is thread-safe, so a bad request is
@@ -140,8 +140,10 @@ def trtllm_sampling_settings(get_input: Callable[[str], np.ndarray | None]) -> d
         if words:  # TensorRT-LLM clients send [""] for none
             settings["stop"] = words
     bad_words = get_input("bad_words")
-    if bad_words is not None and any(_strings(bad_words, "bad_words")):
-        raise RequestError("input 'bad_words' is not supported by this engine; send it empty")
+    if bad_words is not None:
+        words = [w for w in _strings(bad_words, "bad_words") if w]
+        if words:  # as stop_words: [""] means none
+            settings["bad_words"] = words  # the engine tokenizes them (vLLM semantics)
     end_id = get_input("end_id")
     if end_id is not None:
         value = _scalar(end_id, "end_id")

@@ -48,8 +48,10 @@ class PreprocessingModel:
     """The ensemble's front door -> what paged_llm takes.
 
     text_input (+ apply_chat_template) -> input_ids INT32 [-1], input_length INT32 [1];
-    TensorRT-LLM style sampling tensors (max_tokens, temperature, stop_words, end_id, ...) ->
-    sampling_parameters STRING [1] (JSON).
+    TensorRT-LLM style sampling tensors (max_tokens, temperature, stop_words, bad_words,
+    end_id, ...) -> sampling_parameters STRING [1] (JSON). stop_words and bad_words go on as
+    strings (SamplingParams `stop` and `bad_words`): the engine matches stop strings on the text
+    and tokenizes bad words itself, with and without a leading space (vLLM semantics).
     """
 
     def __init__(self, pb_utils):

@@ -100,3 +100,26 @@ def test_client_disconnect_cancels_the_request(oai, engine_metrics):
     stream.close()
     engine_metrics.wait_idle()
     assert time.monotonic() - start < 10
+
+
+def test_bad_words_reach_the_engine(oai, llm_server, tiny_model_dir):
+    """vLLM's `bad_words` extra field passes through: the text equals the offline engine's."""
+    from paged_engine import LLM, SamplingParams
+
+    prompt = "Once upon a time"
+    plain = oai.completions.create(model="paged_llm", prompt=prompt, max_tokens=8,
+                                   temperature=0, extra_body=EXACT).choices[0].text
+    llm = LLM(tiny_model_dir, device="cpu", dtype="float32")
+    try:
+        first_token = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0,
+                                                            ignore_eos=True))[0].token_ids[0]
+        word = llm.engine.tokenizer.decode([first_token]).strip()
+        assert word, "the first greedy token decodes to whitespace only"
+        expected = llm.generate([prompt], SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True, bad_words=[word]))[0].text
+    finally:
+        llm.shutdown()
+    r = oai.completions.create(model="paged_llm", prompt=prompt, max_tokens=8, temperature=0,
+                               extra_body={**EXACT, "bad_words": [word]})
+    assert r.choices[0].text == expected
+    assert r.choices[0].text != plain

@@ -26,6 +26,8 @@ BAD = {
 
     "stop_not_strings": (dict(text_input="Hi", sampling_parameters=sampling(stop=[1, 2])),
                          "stop"),
+    "bad_words_not_strings": (dict(text_input="Hi", sampling_parameters=sampling(bad_words=[1])),
+                              "bad_words"),
 }
 
 
@@ -59,6 +61,6 @@ def test_ensemble_bad_input_errors(triton):
     assert stream.error is not None and "max_tokens" in stream.error
     stream = run_one(triton.grpc_url, "ensemble", inputs(text_input=""))
     assert stream.error is not None and "empty" in stream.error
-    stream = run_one(triton.grpc_url, "ensemble", inputs(text_input="Hi", bad_words=["foo"]))
+    stream = run_one(triton.grpc_url, "ensemble", inputs(text_input="Hi", bad_words=["  "]))
     assert stream.error is not None and "bad_words" in stream.error
     _good(triton)

@@ -70,6 +70,43 @@ def test_eos(triton, offline_llm):
     assert len(out.token_ids) < GREEDY["max_tokens"]
 
 
+def _bad_words_from(tokenizer, token_ids: list[int]) -> list[str]:
+    """A one-token and a two-token word of a greedy output (clean text, past its first token)."""
+
+    def clean(ids):
+        text = tokenizer.decode(ids)
+        return text if text.strip() and text == text.strip() and "\ufffd" not in text else None
+
+    one = next(w for pos in range(2, len(token_ids)) if (w := clean(token_ids[pos:pos + 1])))
+    two = next(w for pos in range(2, len(token_ids) - 1)
+               if (w := clean(token_ids[pos:pos + 2])) and w != one)
+    return [one, two]
+
+
+def test_bad_words(triton, offline_llm, base):
+    """paged_llm's sampling_parameters take bad_words; the output is the offline engine's."""
+    words = _bad_words_from(offline_llm.tokenizer, base.token_ids)
+    out = _check(triton, offline_llm, dict(**GREEDY, ignore_eos=True, bad_words=words))
+    assert out.token_ids != base.token_ids, "the bad words did not change the output"
+
+
+def test_ensemble_bad_words(triton, offline_llm, base):
+    """The ensemble's bad_words tensor changes the output exactly as offline bad_words do."""
+    words = _bad_words_from(offline_llm.tokenizer, base.token_ids)
+    # No ignore_eos through the ensemble: the offline reference stops on the same EOS ids.
+    expected = offline_llm.generate([PROMPT], SamplingParams(**GREEDY, bad_words=words))[0]
+    assert expected.token_ids != base.token_ids[:len(expected.token_ids)], "no effect"
+    for stream in (True, False):
+        s = run_one(triton.grpc_url, "ensemble", inputs(
+            text_input=PROMPT, stream=stream, max_tokens=np.array([16], np.int32),
+            temperature=np.array([0.0], np.float32), bad_words=words + [""],
+            exclude_input_in_output=True, return_log_probs=True))
+        assert s.error is None, s.error
+        assert s.text() == expected.text, stream
+        log_probs = np.concatenate(s.values("output_log_probs"))
+        assert len(log_probs) == len(expected.token_ids)
+
+
 def test_ensemble_stop_words_and_end_id(triton, offline_llm, base):
     stop = base.text[3:5] if base.text[3:5].strip() else base.text[5:7]
     expected = offline_llm.generate([PROMPT], SamplingParams(**GREEDY, ignore_eos=True,
