@@ -9,6 +9,7 @@ what the components see is always concrete:
   float16, and "bfloat16" when the checkpoint is float32 (or says nothing). This is what vLLM
   users expect from "auto" (vLLM also downcasts float32 checkpoints on GPU; we choose bfloat16
   over float16 because its range cannot overflow activations of models trained in bf16).
+  GPUs older than Ampere (compute capability < 8.0) have no bf16: there "auto" is "float16".
   Pass `dtype="float32"` explicitly to run a float32 checkpoint in float32 on GPU.
 
 Values may arrive as strings (model.json, CLI): `EngineConfig.from_dict` coerces "16", "true",
@@ -235,6 +236,11 @@ class EngineConfig:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"device={device!r} requested but CUDA is not available")
+            count = torch.cuda.device_count()
+            if d.startswith("cuda:") and int(d[5:]) >= count:
+                raise ValueError(
+                    f"device={device!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})"
+                )
             return d
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
@@ -261,8 +267,14 @@ class EngineConfig:
             return "float32"
         model_dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
         model_dtype = str(model_dtype).replace("torch.", "") if model_dtype is not None else ""
-        if model_dtype in ("bfloat16", "float16"):
+        if model_dtype == "float16":
             return model_dtype
+        # bf16 needs compute capability 8.0 (Ampere): before it, Triton cannot compile bf16 dots
+        # (torch only emulates bf16 there), so "auto" falls back to float16 as vLLM does.
+        import torch
+
+        if torch.cuda.get_device_capability(self.device) < (8, 0):
+            return "float16"
         return "bfloat16"
 
     # -- conveniences --

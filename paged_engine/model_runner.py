@@ -21,14 +21,16 @@ import gc
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from paged_engine.attention import AttentionMetadata, forward_context
 from paged_engine.loader import load_model
 from paged_engine.sampler import SampleLogprobs, Sampler
+from paged_engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from paged_engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +180,10 @@ class ModelRunner:
         where "used now" includes the weights, the CUDA context and other processes (nano-vllm).
         """
         device = self.device
-        num_tokens = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
-        num_seqs = max(1, min(self.max_num_seqs, num_tokens))
-        lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        chunks = self._profile_chunks()
         # A scratch cache, one K and one V shared by every layer, holds this step's tokens.
-        blocks = [_cdiv(n, self.block_size) for n in lens]
-        shape = (sum(blocks), self.block_size, self.num_kv_heads, self.head_dim)
+        num_scratch_blocks = sum(len(c.block_table) for c in chunks)
+        shape = (num_scratch_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         baseline_bytes = torch.cuda.memory_allocated(device)
@@ -193,20 +193,6 @@ class ModelRunner:
         scratch_bytes = 2 * scratch_k.numel() * scratch_k.element_size()
         for layer in self.attention_layers:
             layer.k_cache, layer.v_cache = scratch_k, scratch_v
-        # Sampling with top-k/top-p exercises the sort, the sampler's largest temporaries.
-        params = SimpleNamespace(
-            temperature=1.0, top_p=0.9, top_k=50, min_p=0.0, seed=None, logprobs=None,
-            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-            min_tokens=0, stop_token_ids=None, ignore_eos=False,
-        )
-        chunks, next_block = [], 0
-        for n, nb in zip(lens, blocks):
-            chunks.append(SimpleNamespace(
-                seq_id=len(chunks), token_ids=[0] * n, start_pos=0,
-                block_table=list(range(next_block, next_block + nb)), do_sample=True,
-                params=params, prompt_token_ids=[0] * n, output_token_ids=[],
-            ))
-            next_block += nb
         self._run_chunks(chunks, use_graph=False)
         torch.cuda.synchronize(device)
         activation_bytes = torch.cuda.max_memory_allocated(device) - baseline_bytes - scratch_bytes
@@ -231,6 +217,43 @@ class ModelRunner:
                 "max_num_batched_tokens / max_num_seqs"
             )
         return num_blocks
+
+    def _profile_chunks(self) -> list[ScheduledChunk]:
+        """The largest step the scheduler can produce: max_num_batched_tokens prefill tokens over
+        as many sequences as may run (each sampled), with blocks 0.. of a scratch cache.
+
+        The sampling parameters are real SamplingParams (whatever field the sampler reads exists)
+        and switch on every optional stage with big temporaries: penalties ([rows, vocab] counts),
+        min_p, top-k/top-p (the sort) and the most logprobs.
+        """
+        num_tokens = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
+        num_seqs = max(1, min(self.max_num_seqs, num_tokens))
+        lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        params = SamplingParams(
+            temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, logprobs=MAX_LOGPROBS,
+            repetition_penalty=1.1, presence_penalty=0.1, frequency_penalty=0.1, max_tokens=None,
+        )
+        chunks, next_block = [], 0
+        for seq_id, n in enumerate(lens):
+            num_blocks = _cdiv(n, self.block_size)
+            prompt = [seq_id % self.vocab_size] * n
+            chunks.append(ScheduledChunk(
+                seq_id=seq_id, token_ids=prompt, start_pos=0,
+                block_table=list(range(next_block, next_block + num_blocks)), do_sample=True,
+                params=params, prompt_token_ids=prompt, output_token_ids=[],
+            ))
+            next_block += num_blocks
+        return chunks
+
+    def _device_scope(self):
+        """Make this runner's GPU the current device of the calling thread for one step.
+
+        The engine steps on its own thread, whose current device is cuda:0 whatever
+        `torch.cuda.set_device` did on the thread that built the runner. Torch ops follow their
+        tensors, but Triton launches on the current device's stream: a runner on cuda:1 would
+        launch its kernels on GPU 0 with GPU 1 pointers.
+        """
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     # ------------------------------------------------------------------ inputs
 
@@ -308,16 +331,18 @@ class ModelRunner:
         """Run one SchedulerOutput: compute the KV of every chunk and sample where do_sample."""
         if not batch.chunks:
             return RunnerOutput([], [])
-        return self._run_chunks(batch.chunks, use_graph=True)
+        with self._device_scope():
+            return self._run_chunks(batch.chunks, use_graph=True)
 
     @torch.inference_mode()
     def compute_chunk_logits(self, chunks) -> list[torch.Tensor]:
         """Run chunks eagerly (their K/V is stored like in `run`) and return, per chunk in order,
         the float32 logits of all its tokens [len(token_ids), vocab]. For tests and debugging."""
-        input_ids, positions, metadata, _ = self._prepare(chunks)
-        with forward_context(metadata):
-            hidden = self.model(input_ids, positions)
-        logits = self.model.compute_logits(hidden).float()
+        with self._device_scope():
+            input_ids, positions, metadata, _ = self._prepare(chunks)
+            with forward_context(metadata):
+                hidden = self.model(input_ids, positions)
+            logits = self.model.compute_logits(hidden).float()
         order, _ = _decode_first_order(chunks)
         per_chunk: list[torch.Tensor | None] = [None] * len(chunks)
         offset = 0

@@ -38,10 +38,10 @@ def _prompts(vocab_size: int, lengths=(1, 7, 23, 40), seed: int = 0) -> list[lis
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-def _hf_logits(model_dir: str, prompts) -> list[torch.Tensor]:
+def _hf_logits(model_dir: str, prompts, dtype=torch.float32) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     with torch.no_grad():
         return [model(torch.tensor([p])).logits[0].float() for p in prompts]
 
@@ -259,3 +259,83 @@ def test_triton_kernel_path_in_interpreter(make_model, monkeypatch):
     got = step()
     for g, w in zip(got, want):
         _assert_close(g, w, "triton vs ref")
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", ATOL), ("float16", 2e-2)])
+def test_triton_kernel_path_with_strided_qkv_views(tiny_model_dir, monkeypatch, dtype, atol):
+    """Llama has no q/k norm, so rotary and store_kvcache get the strided q/k/v views of the
+    fused qkv output, as on CUDA. fp16 runs the 16-bit casts of every kernel (the interpreter's
+    bf16 dots are unreliable, fp16 stands in for the GPU's bf16)."""
+    import os
+
+    from paged_engine import attention
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    runner = ModelRunner(runner_config(tiny_model_dir, dtype=dtype, block_size=4, num_kv_blocks=32))
+    a, b = _prompts(runner.vocab_size, lengths=(9, 6), seed=4)
+
+    def steps():
+        for layer in runner.attention_layers:
+            layer.k_cache.zero_()
+            layer.v_cache.zero_()
+        first = runner.compute_chunk_logits([chunk(0, a[:5], 0, [7, 2, 9]), chunk(1, b[:5], 0, [4, 11])])
+        second = runner.compute_chunk_logits([chunk(0, a[5:], 5, [7, 2, 9]), chunk(1, b[5:], 5, [4, 11])])
+        return first + second
+
+    want = steps()
+    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)
+    got = steps()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=atol)
+
+
+def test_bfloat16_model_from_float32_checkpoint(tiny_model_dir):
+    """dtype=bfloat16 (the CUDA default for "auto") from a float32 checkpoint: weights rounded
+    once to bf16, the rotary table kept in float32, and logits no further from the float32
+    model's than transformers' own bf16 forward is (bf16 rounding alone moves them ~0.2 here)."""
+    from safetensors.torch import load_file
+
+    bf16 = ModelRunner(runner_config(tiny_model_dir, dtype="bfloat16", block_size=4, num_kv_blocks=32))
+    fp32 = ModelRunner(runner_config(tiny_model_dir, dtype="float32", block_size=4, num_kv_blocks=32))
+    ckpt = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    params = dict(bf16.model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for p in params.values())
+    assert torch.equal(params["model.embed_tokens.weight"], ckpt["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert bf16.model.model.rotary_emb.cos_sin_cache.dtype == torch.float32
+    assert bf16.k_caches[0].dtype == torch.bfloat16
+    (prompt,) = _prompts(bf16.vocab_size, lengths=(11,), seed=5)
+    (got,) = bf16.compute_chunk_logits([chunk(0, prompt, 0, [3, 1, 0])])
+    (want,) = fp32.compute_chunk_logits([chunk(0, prompt, 0, [3, 1, 0])])
+    assert got.dtype == torch.float32
+    (hf_bf16,) = _hf_logits(tiny_model_dir, [prompt], dtype=torch.bfloat16)
+    ours_err, hf_err = (got - want).abs().max().item(), (hf_bf16 - want).abs().max().item()
+    assert ours_err <= 1.5 * hf_err + 1e-3, (ours_err, hf_err)
+
+
+def _gpu_ready() -> bool:
+    import os
+
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and TRITON_INTERPRET=0")
+def test_bfloat16_kernels_on_gpu_match_float32_reference(tiny_model_dir):
+    """On a GPU, bf16 through the compiled kernels (the interpreter's bf16 dots are unreliable, so
+    only here): a prefill chunk, then one-token decodes, over scrambled blocks; the logits are no
+    further from the float32 CPU model's than transformers' own bf16 forward is."""
+    (prompt,) = _prompts(512, lengths=(20,), seed=9)
+    cpu = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=32))
+    prompt = [t % cpu.vocab_size for t in prompt]
+    (want,) = cpu.compute_chunk_logits([chunk(0, prompt, 0, list(range(5)))])
+    gpu = ModelRunner(runner_config(tiny_model_dir, device="cuda", dtype="bfloat16", block_size=4,
+                                    num_kv_blocks=32))
+    table = [7, 2, 9, 4, 11]
+    pieces = gpu.compute_chunk_logits([chunk(0, prompt[:12], 0, table)])  # prefill kernel
+    for pos in range(12, len(prompt)):  # decode kernel
+        pieces += gpu.compute_chunk_logits([chunk(0, prompt[pos:pos + 1], pos, table)])
+    got = torch.cat(pieces).cpu()
+    (hf_bf16,) = _hf_logits(tiny_model_dir, [prompt], dtype=torch.bfloat16)
+    ours_err, hf_err = (got - want).abs().max().item(), (hf_bf16 - want).abs().max().item()
+    assert ours_err <= 2 * hf_err + 1e-2, (ours_err, hf_err)
+    gpu.shutdown()

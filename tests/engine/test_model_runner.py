@@ -1,6 +1,8 @@
 """ModelRunner: KV cache allocation, batches of mixed prefill chunks and decodes, sampling output
-order, parity of greedy generation with transformers, seeded sampling, and the CUDA-graph replay
-bookkeeping (exercised on CPU with stand-in graphs that run the model on the static buffers)."""
+order, parity of greedy generation with transformers, seeded sampling, and the CUDA-only paths
+exercised on CPU with stand-ins: CUDA-graph replay bookkeeping and capture (graphs that rerun the
+model on the static buffers; no host sync inside the captured region), the memory profile (faked
+memory counters), the per-step device guard and the CUDA device/dtype resolution."""
 
 from __future__ import annotations
 
@@ -224,20 +226,78 @@ def _gpu_ready() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
+def _fake_cuda_memory(monkeypatch, runner, *, total_bytes, used_bytes, activation_bytes):
+    """Stand-ins for the torch.cuda memory calls of the profile, so it runs on CPU: `used_bytes`
+    in use after the profile, a peak of scratch cache + `activation_bytes` above the baseline."""
+    baseline = 12345
+    chunks = runner._profile_chunks()
+    blocks = sum(len(c.block_table) for c in chunks)
+    elem = torch.empty((), dtype=runner.dtype).element_size()
+    scratch = 2 * blocks * runner.block_size * runner.num_kv_heads * runner.head_dim * elem
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: baseline)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: baseline + scratch + activation_bytes)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (total_bytes - used_bytes, total_bytes))
+    return chunks
+
+
+def test_memory_profile_runs_the_largest_step_and_sizes_the_cache(tiny_model_dir, monkeypatch):
+    """The CUDA memory profile, on CPU with faked memory counters: it runs the biggest step the
+    scheduler can make (max_num_batched_tokens over max_num_seqs sampled sequences, with every
+    sampler stage on) through model and sampler, and turns what is left into blocks."""
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=8, max_num_seqs=5,
+                                       max_num_batched_tokens=47, gpu_memory_utilization=0.5))
+    chunks = _fake_cuda_memory(monkeypatch, runner, total_bytes=1 << 30, used_bytes=100 << 20,
+                               activation_bytes=30 << 20)
+    assert [len(c.token_ids) for c in chunks] == [10, 10, 9, 9, 9]
+    assert all(c.do_sample and len(c.block_table) == -(-len(c.token_ids) // 4) for c in chunks)
+    seen = []
+    run_chunks = runner._run_chunks
+
+    def spy(chunks, use_graph):
+        out = run_chunks(chunks, use_graph)
+        seen.append((len(chunks), use_graph, len(out.sampled_token_ids), len(out.logprobs[0].top)))
+        return out
+
+    monkeypatch.setattr(runner, "_run_chunks", spy)
+    num_blocks = runner._profile_num_kv_blocks()
+    assert seen == [(5, False, 5, 20)]  # every sequence sampled, with the most logprobs
+    assert num_blocks == int(((1 << 30) * 0.5 - (100 << 20) - (30 << 20)) // runner.kv_block_bytes)
+    assert all(layer.k_cache is None and layer.v_cache is None for layer in runner.attention_layers)
+
+
+def test_memory_profile_without_room_for_one_block_is_a_clear_error(tiny_model_dir, monkeypatch):
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=8, max_num_seqs=2,
+                                       max_num_batched_tokens=16, gpu_memory_utilization=0.5))
+    _fake_cuda_memory(monkeypatch, runner, total_bytes=1 << 30, used_bytes=(1 << 29) - 1000,
+                      activation_bytes=0)
+    with pytest.raises(RuntimeError, match="no GPU memory left for the KV cache.*gpu_memory_utilization"):
+        runner._profile_num_kv_blocks()
+
+
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and TRITON_INTERPRET=0")
 def test_cuda_profiling_and_graphs_match_eager(tiny_model_dir):
     """On a GPU: the KV cache is sized by profiling, decode batches replay CUDA graphs, and the
-    graph path samples the same tokens (and logprobs) as the eager path."""
+    graph path samples the same tokens (and logprobs) as the eager path.
+
+    The runners are built one after the other: the profile counts memory already in use (other
+    runners included) against gpu_memory_utilization, so a second runner built while the first
+    holds its cache would find no room. The second profile finding as much room as the first
+    also shows that shutdown() gave the memory back."""
     common = dict(device="cuda", dtype="float32", block_size=16, num_kv_blocks=None,
                   gpu_memory_utilization=0.3, max_num_seqs=8, max_model_len=512)
-    eager = ModelRunner(runner_config(tiny_model_dir, enforce_eager=True, **common))
-    graphed = ModelRunner(runner_config(tiny_model_dir, enforce_eager=False, **common))
-    assert eager.num_kv_blocks > 100 and not eager.graphs
-    assert graphed.graph_batch_sizes == [1, 2, 4, 8]
     params = SamplingParams(temperature=0.0, logprobs=2)
-    prompts = _prompts(eager.vocab_size, (5, 30, 17), seed=7)
-    results = []
-    for runner in (eager, graphed):
+    results, num_kv_blocks = [], []
+    for enforce_eager in (True, False):
+        runner = ModelRunner(runner_config(tiny_model_dir, enforce_eager=enforce_eager, **common))
+        num_kv_blocks.append(runner.num_kv_blocks)
+        if enforce_eager:
+            assert runner.num_kv_blocks > 100 and not runner.graphs
+            prompts = _prompts(runner.vocab_size, (5, 30, 17), seed=7)
+        else:
+            assert runner.graph_batch_sizes == [1, 2, 4, 8]
         alloc = BlockAllocator(64)
         seqs = [_Seq(i, p, params, 16, alloc) for i, p in enumerate(prompts)]
         steps = []
@@ -248,10 +308,133 @@ def test_cuda_profiling_and_graphs_match_eager(tiny_model_dir):
             for s, t in zip(seqs, out.sampled_token_ids):
                 s.output.append(t)
         results.append(steps)
+        runner.shutdown()
+        del runner
+    assert num_kv_blocks[1] > 0.8 * num_kv_blocks[0]
     for (ids_e, lp_e), (ids_g, lp_g) in zip(*results):
         assert ids_e == ids_g
         assert lp_g == pytest.approx(lp_e, abs=1e-3)
     for s in seqs:
         assert s.output == _hf_greedy(tiny_model_dir, s.prompt, len(s.output))
-    eager.shutdown()
-    graphed.shutdown()
+
+
+def test_cuda_graph_capture_path_makes_no_host_sync(tiny_model_dir, monkeypatch):
+    """`_capture_cuda_graphs` on CPU, with stand-ins for torch.cuda.CUDAGraph / torch.cuda.graph
+    and the Triton launchers in the interpreter (the calls made on CUDA): inside the captured
+    region nothing may read a tensor on the host (.item(), .tolist(), bool(), ...), upload with
+    torch.tensor or synchronize, since any of these breaks a real capture. The graphs share the
+    first (largest) graph's pool, and replays (the model rerun on the static buffers) sample
+    what the eager path samples."""
+    import os
+    from contextlib import contextmanager
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from paged_engine import attention
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=64, max_num_seqs=3))
+    state = {"capturing": False, "in_kernel": 0}
+    pools = []
+
+    def forbidden(name, original):
+        def check(*args, **kwargs):
+            if state["capturing"] and not state["in_kernel"]:
+                raise AssertionError(f"{name} inside CUDA-graph capture")
+            return original(*args, **kwargs)
+        return check
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", forbidden("torch.tensor", torch.tensor))
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden("torch.cuda.synchronize", lambda *a, **k: None))
+    kernel_run = InterpretedFunction.run
+
+    def run_kernel(self, *args, **kwargs):  # the interpreter itself reads values on the host
+        state["in_kernel"] += 1
+        try:
+            return kernel_run(self, *args, **kwargs)
+        finally:
+            state["in_kernel"] -= 1
+
+    monkeypatch.setattr(InterpretedFunction, "run", run_kernel)
+
+    class FakeGraph(_EagerGraph):
+        def __init__(self):
+            self.runner = self.bs = None
+
+        def pool(self):
+            return ("pool of", id(self))
+
+    @contextmanager
+    def fake_capture(graph, pool=None):
+        pools.append(pool)
+        state["capturing"] = True
+        try:
+            yield
+        finally:
+            state["capturing"] = False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    runner._capture_cuda_graphs()
+    assert runner.graph_batch_sizes == [1, 2, 3]
+    first = runner.graphs[3]
+    assert pools == [None, first.pool(), first.pool()]  # largest first, then its pool
+    for bs, graph in runner.graphs.items():
+        graph.runner, graph.bs = runner, bs
+
+    params = SamplingParams(temperature=0.0, logprobs=1)
+    prompts = _prompts(runner.vocab_size, (6, 3), seed=8)
+    results = []
+    for graphs in (dict(runner.graphs), {}):
+        runner.graphs, runner.graph_batch_sizes = graphs, sorted(graphs)
+        alloc = BlockAllocator(runner.num_kv_blocks, seed=len(graphs))
+        seqs = [_Seq(i, p, params, 4, alloc) for i, p in enumerate(prompts)]
+        _generate(runner, seqs, steps=3, chunk_budget=8)
+        results.append([s.output for s in seqs])
+    assert results[0] == results[1]
+
+
+def test_run_makes_the_runner_gpu_current_on_the_calling_thread(tiny_model_dir, monkeypatch):
+    """The serving engine steps on its own thread, whose current CUDA device is 0; Triton launches
+    on the current device, so run() must make the runner's device current for the step."""
+    from contextlib import contextmanager
+
+    runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16))
+    current = {"device": None}
+
+    @contextmanager
+    def fake_device(device):
+        previous, current["device"] = current["device"], device
+        try:
+            yield
+        finally:
+            current["device"] = previous
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(runner, "_run_chunks", lambda chunks, use_graph: seen.append(current["device"]))
+    runner.device = torch.device("cuda", 1)  # only the guard looks at it here
+    runner.run(batch([chunk(0, [3, 4], 0, [0])]))
+    assert seen == [torch.device("cuda", 1)] and current["device"] is None
+
+
+def test_config_cuda_device_and_auto_dtype_resolution(tiny_model_dir, monkeypatch):
+    """On CUDA (faked here): "auto" is bf16 from Ampere on and fp16 before (no bf16 dots there);
+    a cuda:N beyond the visible devices is a clear error, not a failure deep in the runner."""
+    from paged_engine.config import EngineConfig
+
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert EngineConfig(model=tiny_model_dir, device="cuda").dtype == "bfloat16"
+    assert EngineConfig(model=tiny_model_dir, device="cuda:0").dtype == "bfloat16"
+    capability["value"] = (7, 5)
+    assert EngineConfig(model=tiny_model_dir, device="cuda").dtype == "float16"
+    assert EngineConfig(model=tiny_model_dir, device="cuda", dtype="bf16").dtype == "bfloat16"  # explicit
+    with pytest.raises(ValueError, match="only 1 CUDA device"):
+        EngineConfig(model=tiny_model_dir, device="cuda:1")
