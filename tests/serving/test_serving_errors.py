@@ -1,9 +1,10 @@
-"""Each bad input gets its own error naming the problem; a good request right after succeeds."""
+"""Each bad input gets its own error naming the problem; a good request right after succeeds,
+and nothing is left behind in the engine (requests, KV blocks)."""
 
 import numpy as np
 import pytest
 
-from serving_client import inputs, run_one, sampling
+from serving_client import inputs, run_one, sampling, wait_for_metric
 
 pytestmark = pytest.mark.server
 
@@ -36,6 +37,10 @@ def _good(triton):
         text_input="Hello", stream=True, sampling_parameters=sampling(max_tokens=2)))
     assert stream.error is None, stream.error
     assert stream.finals == 1 and len(stream.responses) == 2
+    # Nothing leaked: no request left in the engine, no KV block held.
+    wait_for_metric(triton.metrics_url, "vllm:num_requests_running", lambda v: v == 0)
+    wait_for_metric(triton.metrics_url, "vllm:num_requests_waiting", lambda v: v == 0)
+    wait_for_metric(triton.metrics_url, "vllm:kv_cache_blocks_used", lambda v: v == 0)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
