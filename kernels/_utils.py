@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@dataclass(frozen=True)
+class CaptureTarget:
+    arch: int  # compute capability x10, e.g. 90
+    num_sms: int
+
+
+# Set by `kernels.aot` while it records launches on CPU tensors to compile them for a CUDA target:
+# the launchers then accept CPU tensors and see the target's capability and SM count.
+_capture: CaptureTarget | None = None
+
+
 def check_kernel_device(op: str, tensors: dict[str, torch.Tensor]) -> torch.device:
     """All tensors on one device, and that device can run Triton kernels."""
     devices = {name: t.device for name, t in tensors.items()}
@@ -30,7 +42,7 @@ def check_kernel_device(op: str, tensors: dict[str, torch.Tensor]) -> torch.devi
             raise ValueError(
                 f"{op}: all tensors must be on one device; {first_name} is on {device} but {name} is on {dev}"
             )
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not interpreting() and _capture is None:
         raise ValueError(
             f"{op}: the Triton kernel needs CUDA tensors (got {device}); on CPU call {op}_ref, "
             "or set TRITON_INTERPRET=1 before importing triton to run the kernel in the interpreter"
@@ -91,12 +103,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; a small stand-in on CPU (interpreter)."""
+    """Streaming multiprocessors of ``device``; on CPU the capture target's, or a small stand-in
+    (interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return _cuda_properties(device).multi_processor_count
+    return _capture.num_sms if _capture is not None else 4
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability x10 of ``device`` (90 = H100); on CPU the capture target's, else 0."""
+    if device.type == "cuda":
+        props = _cuda_properties(device)
+        return props.major * 10 + props.minor
+    return _capture.arch if _capture is not None else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(device: torch.device):
+    return torch.cuda.get_device_properties(device)
 
 
 def next_power_of_2(n: int) -> int:

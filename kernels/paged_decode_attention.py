@@ -339,7 +339,12 @@ def paged_decode_attention(
 
     block_g = max(16, next_power_of_2(group_size))
     block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
-    block_n = 64 if not interpreting() else 32
+    if interpreting():
+        block_n, num_warps = 32, 4
+    elif q.dtype == torch.float32:  # ieee fp32 dots run on FMA units: smaller tiles, no register spills
+        block_n, num_warps = 32, 8
+    else:
+        block_n, num_warps = 64, 4
     grid = (num_seqs, num_kv_heads, num_splits)
     _paged_decode_split_kernel[grid](
         q,
@@ -376,7 +381,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
         num_stages=2,
     )
     if not single:

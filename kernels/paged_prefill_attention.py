@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    capability,
     check_dim,
     check_paged_attention,
     check_dtype,
@@ -178,15 +179,18 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out) -
     check_dtype(_OP, "cu_seqlens_q", cu_seqlens_q, (torch.int32,))
 
 
-def _tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _tile_config(head_dim: int, dtype: torch.dtype, max_seqlen_q: int, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); register use checked by ``python -m kernels.aot``."""
     if interpreting():
         return 16, 32, 4, 1
     if dtype == torch.float32:  # ieee fp32 dots: registers, not tensor cores, are the limit
-        return 32, 32, 4, 2
+        return 32, 16, 8, 2
     block_m = 128 if max_seqlen_q > 64 else 64
     block_n = 64 if head_dim <= 128 else 32
-    return block_m, block_n, (8 if block_m == 128 else 4), 3
+    # Hopper's wgmma takes 64 query rows per warpgroup of 4 warps; before it, 4 warps on a 64-row
+    # tile spill registers (mma.sync keeps more of the tile in registers).
+    num_warps = 8 if block_m == 128 or arch < 90 else 4
+    return block_m, block_n, num_warps, 3
 
 
 def paged_prefill_attention(
@@ -222,7 +226,7 @@ def paged_prefill_attention(
     tensors.update(cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     if out is not None:
         tensors["out"] = out
-    check_kernel_device(_OP, tensors)
+    device = check_kernel_device(_OP, tensors)
     for name in ("q", "k_cache", "v_cache", "block_tables") + (("out",) if out is not None else ()):
         check_last_dim_contiguous(_OP, name, tensors[name])
     for name in ("cu_seqlens_q", "context_lens"):
@@ -239,7 +243,7 @@ def paged_prefill_attention(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if max_seqlen_q <= 0:
         return out
-    block_m, block_n, num_warps, num_stages = _tile_config(head_dim, q.dtype, max_seqlen_q)
+    block_m, block_n, num_warps, num_stages = _tile_config(head_dim, q.dtype, max_seqlen_q, capability(device))
     grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), num_seqs)
     _paged_prefill_kernel[grid](
         q,

@@ -2,7 +2,7 @@
 
 In the interpreter the launchers pick small tiles (prefill BLOCK_M 16 / BLOCK_N 32, decode BLOCK_N
 32) to keep it fast, so the tile sizes a GPU compiles (prefill 64 or 128 queries by 64 keys, or
-32 by 32 in fp32; decode 64 keys) would first run on the GPU. Here `interpreting()` is reported
+32 by 16 in fp32; decode 64 keys, 32 in fp32) would first run on the GPU. Here `interpreting()` is reported
 False to the launchers only, so they choose the GPU tiles, and the interpreter runs them: key tiles
 spanning several cache blocks, query tiles larger than the chunk, the causal diagonal inside a
 tile, multi-tile contexts and splits. num_warps / num_stages are ignored by the interpreter.
@@ -31,16 +31,16 @@ def gpu_tiles(monkeypatch):
 @pytest.mark.parametrize(
     "dtype, seqs, expected_tiles",
     [
-        # (context_len, chunk_len); max chunk <= 64 -> BLOCK_M 64, else 128; fp32 -> 32 x 32
+        # (context_len, chunk_len); max chunk <= 64 -> BLOCK_M 64, else 128; fp32 -> 32 x 16
         (torch.float16, [(70, 60), (150, 40), (16, 1)], (64, 64)),
         (torch.float16, [(200, 130), (65, 65)], (128, 64)),
-        (torch.float32, [(70, 33), (40, 40)], (32, 32)),
+        (torch.float32, [(70, 33), (40, 40)], (32, 16)),
     ],
 )
 def test_prefill_with_gpu_tiles_matches_ref(gpu_tiles, make_paged_kv, dtype, seqs, expected_tiles):
     group, num_kv_heads, head_dim, block_size = 4, 2, 64, 16
     max_chunk = max(n for _, n in seqs)
-    assert prefill_mod._tile_config(head_dim, dtype, max_chunk)[:2] == expected_tiles
+    assert prefill_mod._tile_config(head_dim, dtype, max_chunk, 90)[:2] == expected_tiles
     kv = make_paged_kv([c for c, _ in seqs], num_kv_heads, head_dim, block_size, dtype)
     cu = torch.tensor([0] + list(torch.tensor([n for _, n in seqs]).cumsum(0)), dtype=torch.int32)
     q = torch.randn(int(cu[-1]), group * num_kv_heads, head_dim).to(dtype)
