@@ -10,10 +10,19 @@ gauge drops to 0 (Triton 2.51's Python backend cannot mark a model not ready).
 
 Every request gets exactly one final response: the request leaves `_active` in the same place
 where its final response is queued.
+
+Two things keep the per-token cost of serving bounded under load, where every response and every
+`is_cancelled()` is a message to the Triton process:
+- A streamed request whose previous response is still waiting for the sender thread gets no
+  second one: its next deltas are held and merged, and leave as one response once the previous
+  one is out (or with the final). Without load nothing is held and every step is one response.
+  Token-window responses (the ensemble's) are never merged: each window is decoded on its own.
+- Cancellation is polled round-robin, at most `cancel_poll_batch` requests per poll.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -37,6 +46,21 @@ class _Request:
     last_token_s: float | None = None
     num_output_tokens: int = 0
     text_window: TextWindow | None = None  # token outputs for the ensemble
+    num_queued: int = 0  # streamed responses handed to the sender (written by the engine thread)
+    num_sent: int = 0  # of those, the ones that have left (written by the sender thread)
+    held: object | None = None  # RequestOutput deltas waiting for the previous response to leave
+    tokens_reported_s: float | None = None  # time of the last token a response carried
+
+
+def _merge_outputs(earlier, later):
+    """One RequestOutput carrying the deltas of two consecutive ones of a request."""
+    outs = []
+    for a, b in zip(earlier.outputs, later.outputs):
+        if a.index != b.index:
+            raise ValueError(f"cannot merge completions {a.index} and {b.index}")
+        outs.append(dataclasses.replace(b, new_token_ids=list(a.new_token_ids) + list(b.new_token_ids),
+                                        new_text=a.new_text + b.new_text))
+    return dataclasses.replace(later, outputs=outs)
 
 
 class EngineLoop:
@@ -49,17 +73,23 @@ class EngineLoop:
         logger: `pb_utils.Logger`-like.
         decode_window: paged_engine.detokenizer.decode_window (token outputs for the ensemble).
         cancel_poll_interval_s: how often in-flight requests are asked whether they were cancelled.
+        cancel_poll_batch: at most this many of them per poll (round-robin), so the cost of
+            polling does not grow with the number of requests in flight.
         stats_interval_s: how often gauges and counters are refreshed while busy (always on idle).
     """
 
     def __init__(self, engine, sender, metrics, logger, decode_window=None,
-                 cancel_poll_interval_s: float = 0.02, stats_interval_s: float = 0.25):
+                 cancel_poll_interval_s: float = 0.02, stats_interval_s: float = 0.25,
+                 cancel_poll_batch: int = 32):
         self.engine = engine
         self._sender = sender
         self._metrics = metrics
         self._logger = logger
         self._decode_window = decode_window
         self._cancel_poll_interval_s = cancel_poll_interval_s
+        self._cancel_poll_batch = max(1, cancel_poll_batch)
+        self._poll_queue: list[str] = []  # request ids left to poll in this round, last first
+        self._holding: set[str] = set()  # requests with held deltas
         self._stats_interval_s = stats_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Request] = {}
@@ -135,6 +165,8 @@ class EngineLoop:
                 if busy:
                     outputs = self.engine.step()
                     self._handle_outputs(outputs)
+                if self._holding:
+                    self._release_held()
                 now = time.monotonic()
                 # Refresh the gauges while busy now and then, and once more on going idle so
                 # they show freed blocks.
@@ -181,11 +213,18 @@ class EngineLoop:
         req = self._active.pop(request_id, None)
         if req is None:  # finished already, or unknown
             return
+        self._holding.discard(request_id)
         self.engine.abort(request_id)  # frees its KV blocks now
         self._sender.send(req.response_sender, final=True, error=("CANCELLED", message))
 
     def _poll_cancellations(self) -> None:
-        for request_id, req in list(self._active.items()):
+        if not self._poll_queue:
+            self._poll_queue = list(reversed(self._active))
+        for _ in range(min(self._cancel_poll_batch, len(self._poll_queue))):
+            request_id = self._poll_queue.pop()
+            req = self._active.get(request_id)
+            if req is None:  # finished since the round began
+                continue
             try:
                 cancelled = req.response_sender.is_cancelled()
             except Exception:  # pragma: no cover - the backend lost the request
@@ -206,19 +245,17 @@ class EngineLoop:
                 continue
             parsed = req.parsed
             num_new = sum(len(c.new_token_ids) for c in output.outputs)
-            if num_new and self._metrics is not None:
-                if req.first_token_s is None:
-                    self._sender.call(self._metrics.observe, "vllm:time_to_first_token_seconds",
-                                      now - req.arrival_s)
-                else:
-                    self._sender.call(self._metrics.observe, "vllm:time_per_output_token_seconds",
-                                      (now - req.last_token_s) / num_new)
             if num_new:
-                req.first_token_s = req.first_token_s or now
+                if req.first_token_s is None:
+                    req.first_token_s = now
+                    if self._metrics is not None:
+                        self._sender.call(self._metrics.observe, "vllm:time_to_first_token_seconds",
+                                          now - req.arrival_s)
                 req.last_token_s = now
                 req.num_output_tokens += num_new
             if output.finished:
                 del self._active[output.request_id]
+                self._holding.discard(output.request_id)
                 if self._metrics is not None:
                     self._sender.call(self._metrics.observe, "vllm:e2e_request_latency_seconds",
                                       now - req.arrival_s)
@@ -229,17 +266,56 @@ class EngineLoop:
                     continue
             elif not parsed.stream:
                 continue
-            try:
-                arrays = self._build(req, output)
-            except Exception as e:
-                self._logger.log_error(f"paged_llm: building a response failed: {e!r}")
-                if not output.finished:
-                    self.engine.abort(output.request_id)
-                    del self._active[output.request_id]
-                self._sender.send(req.response_sender, final=True,
-                                  error=("INTERNAL", f"building the response failed: {e}"))
+            if req.held is not None:
+                output, req.held = _merge_outputs(req.held, output), None
+            if (not output.finished and not parsed.token_outputs and parsed.stream
+                    and req.num_queued > req.num_sent):
+                req.held = output  # the previous response is still queued: merge into the next
+                self._holding.add(output.request_id)
                 continue
-            self._sender.send(req.response_sender, arrays, final=output.finished)
+            self._holding.discard(output.request_id)
+            self._queue_response(req, output)
+
+    def _release_held(self) -> None:
+        """Queue the held deltas of requests whose previous response has left."""
+        for request_id in list(self._holding):
+            req = self._active.get(request_id)
+            if req is None or req.held is None:
+                self._holding.discard(request_id)
+            elif req.num_queued == req.num_sent:
+                output, req.held = req.held, None
+                self._holding.discard(request_id)
+                self._queue_response(req, output)
+
+    def _queue_response(self, req: _Request, output) -> None:
+        if req.parsed.stream:
+            self._observe_time_per_output_token(req, output)
+        try:
+            arrays = self._build(req, output)
+        except Exception as e:
+            self._logger.log_error(f"paged_llm: building a response failed: {e!r}")
+            if not output.finished:
+                self.engine.abort(output.request_id)
+                self._active.pop(output.request_id, None)
+            self._sender.send(req.response_sender, final=True,
+                              error=("INTERNAL", f"building the response failed: {e}"))
+            return
+        req.num_queued += 1
+        self._sender.send(req.response_sender, arrays, final=output.finished, tracker=req)
+
+    def _observe_time_per_output_token(self, req: _Request, output) -> None:
+        """One observation per streamed response: the mean time per token it carries since the
+        previous response's last token (the first token is TTFT's, not counted here)."""
+        tokens = sum(len(c.new_token_ids) for c in output.outputs)
+        if not tokens:
+            return
+        since = req.tokens_reported_s
+        if since is None:
+            since, tokens = req.first_token_s, tokens - 1
+        req.tokens_reported_s = req.last_token_s
+        if tokens > 0 and self._metrics is not None:
+            self._sender.call(self._metrics.observe, "vllm:time_per_output_token_seconds",
+                              (req.last_token_s - since) / tokens)
 
     def _build(self, req: _Request, output):
         prompt_text = req.parsed.prompt
@@ -270,6 +346,7 @@ class EngineLoop:
     def _fail_all(self, code: str, message: str) -> None:
         pending = list(self._active.values())
         self._active.clear()
+        self._holding.clear()
         while True:
             try:
                 item = self._commands.get_nowait()

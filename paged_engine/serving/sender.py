@@ -32,7 +32,7 @@ class ResponseSenderThread:
         self._thread.start()
 
     def send(self, response_sender, outputs: dict | None = None, *, final: bool,
-             error: tuple[str, str] | None = None) -> None:
+             error: tuple[str, str] | None = None, tracker=None) -> None:
         """Queue one response.
 
         Args:
@@ -40,8 +40,10 @@ class ResponseSenderThread:
             outputs: output name -> numpy array, or None for an error or empty final response.
             final: set TRITONSERVER_RESPONSE_COMPLETE_FINAL on it.
             error: (code name of pb_utils.TritonError, e.g. "INVALID_ARG", message).
+            tracker: an object whose ``num_sent`` this thread increments once the response has
+                left (sent or failed), so the engine thread can tell whether it is behind.
         """
-        self._queue.put((response_sender, outputs, error, final))
+        self._queue.put((response_sender, outputs, error, final, tracker))
 
     def call(self, fn: Callable, *args) -> None:
         """Run fn(*args) on the sender thread (metric updates)."""
@@ -75,12 +77,16 @@ class ResponseSenderThread:
                     fn, args = item
                     fn(*args)
                     continue
-                response_sender, outputs, error, final = item
-                response = self._build(outputs, error)
-                flags = final_flag if final else 0
-                if response is None:
-                    response_sender.send(flags=flags)
-                else:
-                    response_sender.send(response, flags=flags)
+                response_sender, outputs, error, final, tracker = item
+                try:
+                    response = self._build(outputs, error)
+                    flags = final_flag if final else 0
+                    if response is None:
+                        response_sender.send(flags=flags)
+                    else:
+                        response_sender.send(response, flags=flags)
+                finally:
+                    if tracker is not None:
+                        tracker.num_sent += 1  # only this thread writes it
             except Exception as e:  # a client gone away must not stop the others' responses
                 self._logger.log_warn(f"paged_llm: sending a response failed: {e!r}")

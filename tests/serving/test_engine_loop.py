@@ -67,8 +67,10 @@ class Params:
 class FakeResponseSender:
     def __init__(self):
         self.cancelled = False
+        self.polls = 0
 
     def is_cancelled(self):
+        self.polls += 1
         return self.cancelled
 
 
@@ -79,9 +81,11 @@ class RecordingSender:
         self.sent = []
         self.lock = threading.Lock()
 
-    def send(self, response_sender, outputs=None, *, final, error=None):
+    def send(self, response_sender, outputs=None, *, final, error=None, tracker=None):
         with self.lock:
             self.sent.append((response_sender, outputs, error, final))
+        if tracker is not None:
+            tracker.num_sent += 1
 
     def call(self, fn, *args):
         fn(*args)
@@ -118,9 +122,10 @@ def _parsed(max_tokens, prompt="hi", stream=True):
 def loop_factory():
     loops = []
 
-    def make(engine):
-        sender = RecordingSender()
-        loop = EngineLoop(engine, sender, None, Logger(), cancel_poll_interval_s=0.0)
+    def make(engine, sender=None, metrics=None, **kwargs):
+        sender = sender or RecordingSender()
+        kwargs.setdefault("cancel_poll_interval_s", 0.0)
+        loop = EngineLoop(engine, sender, metrics, Logger(), **kwargs)
         loop.start()
         loops.append(loop)
         return loop, sender
@@ -198,3 +203,110 @@ def test_stop_ends_requests_in_flight(loop_factory):
     loop.stop()
     responses = sender.of(rs)
     assert _finals(responses) == 1 and responses[-1][1][0] == "UNAVAILABLE"
+
+
+class GatedSender(RecordingSender):
+    """A sender thread that is behind: responses leave only when `release()` is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.trackers = []
+
+    def send(self, response_sender, outputs=None, *, final, error=None, tracker=None):
+        with self.lock:
+            self.sent.append((response_sender, outputs, error, final))
+            self.trackers.append(tracker)
+
+    def release(self):
+        with self.lock:
+            trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            if tracker is not None:
+                tracker.num_sent += 1
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.observed = []
+
+    def observe(self, name, value):
+        self.observed.append((name, value))
+
+    def update_from_stats(self, stats):
+        pass
+
+
+def test_deltas_merge_while_the_previous_response_waits_and_nothing_is_lost(loop_factory):
+    engine = FakeEngine()
+    sender, metrics = GatedSender(), RecordingMetrics()
+    loop, _ = loop_factory(engine, sender=sender, metrics=metrics)
+    rs = FakeResponseSender()
+    loop.submit(rs, _parsed(40))
+    while not sender.of(rs):
+        time.sleep(0.001)
+    while engine.steps < 15:  # the first response is stuck: the next deltas are held
+        time.sleep(0.001)
+    assert len(sender.of(rs)) == 1
+    deadline = time.monotonic() + 10
+    while not any(final for _, _, final in sender.of(rs)) and time.monotonic() < deadline:
+        sender.release()
+        time.sleep(0.01)
+    responses = sender.of(rs)
+    texts = [o["text_output"][0] for o, _, _ in responses]
+    assert "".join(texts) == "x" * 40
+    assert _finals(responses) == 1 and responses[-1][2]
+    assert len(responses) < 40 and any(len(t) > 1 for t in texts)
+    # One time-per-output-token observation per response after the first; none for the held steps.
+    tpot = [v for n, v in metrics.observed if n == "vllm:time_per_output_token_seconds"]
+    assert len(tpot) == len(responses) - 1 and all(v >= 0 for v in tpot)
+
+
+def test_without_backlog_every_step_is_its_own_response(loop_factory):
+    loop, sender = loop_factory(FakeEngine())
+    rs = FakeResponseSender()
+    loop.submit(rs, _parsed(12))
+    assert [o["text_output"][0] for o, _, _ in sender.wait_final(rs)] == ["x"] * 12
+
+
+def test_cancellation_polls_a_bounded_batch_round_robin(loop_factory):
+    engine = FakeEngine()
+    loop, sender = loop_factory(engine, cancel_poll_batch=4, cancel_poll_interval_s=0.01)
+    senders = [FakeResponseSender() for _ in range(20)]
+    for rs in senders:
+        loop.submit(rs, _parsed(100_000))
+    while engine.steps < 5:
+        time.sleep(0.001)
+    start_polls = sum(rs.polls for rs in senders)
+    time.sleep(0.2)
+    polls = sum(rs.polls for rs in senders) - start_polls
+    assert 0 < polls <= 4 * (0.2 / 0.01 + 2)  # at most a batch per poll interval
+    senders[-1].cancelled = True  # the last one submitted is reached too
+    responses = sender.wait_final(senders[-1])
+    assert responses[-1][1][0] == "CANCELLED"
+    assert all(rs.polls > 0 for rs in senders)
+
+
+def test_a_merged_response_carries_both_steps_for_every_completion():
+    from paged_engine.outputs import Logprob
+    from paged_engine.serving.engine_loop import _merge_outputs
+    from paged_engine.serving.response import build_outputs
+
+    def step(ids_so_far, new_ids, text, new_text, finish=None):
+        return [CompletionOutput(i, list(ids_so_far[i]), text[i], new_token_ids=list(new_ids[i]),
+                                 new_text=new_text[i], finish_reason=finish,
+                                 logprobs=[{t: Logprob(-0.5 * t, 1, str(t))} for t in ids_so_far[i]])
+                for i in range(2)]
+
+    first = RequestOutput("r", None, [1], step([[5, 6], [8]], [[6], [8]], ["ab", "c"], ["b", "c"]), False)
+    second = RequestOutput("r", None, [1], step([[5, 6, 7], [8, 9]], [[7], [9]], ["abd", "ce"], ["d", "e"],
+                                                finish="length"), True)
+    merged = _merge_outputs(first, second)
+    parsed = ParsedRequest(prompt="p", prompt_token_ids=None, params=Params(3), stream=True,
+                           return_logprobs=True, return_num_output_tokens=True, return_finish_reason=True)
+    arrays = build_outputs(parsed, merged, prompt_text="p")
+    assert list(arrays["text_output"]) == ["bd", "ce"]
+    assert list(arrays["num_output_tokens"]) == [2, 2]
+    assert list(arrays["finish_reason"]) == ["length", "length"] and merged.finished
+    import json
+    assert [list(map(int, (k for d in json.loads(x) for k in d))) for x in arrays["logprobs"]] == [[6, 7], [8, 9]]
