@@ -43,7 +43,8 @@ for stage in "$@"; do
       offline=()
       w1=${W1_JSON:-$out/w1.json}
       [ -f "$w1" ] && offline=(--offline-json "$w1")
-      step w4 python3 -m benchmarks.serving --json "$out/w4.json" --work-dir /tmp/w4 "${offline[@]}" ;;
+      step w4 python3 -m benchmarks.serving --json "$out/w4.json" --work-dir /tmp/w4 --client-workers 4 \
+        "${offline[@]}" ;;
     *) echo "unknown stage '$stage' (check, w1, w2, w3, w4)" >&2; exit 2 ;;
   esac
 done

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--model-name", default="paged_llm", help="Triton model to send to (paged_llm or ensemble)")
     p.add_argument("--warmup-requests", type=int, default=4)
+    p.add_argument("--client-workers", type=int, default=1,
+                   help="paged-client bench --workers: client processes sharing the load (one "
+                        "Python client parses a few thousand responses/s)")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for the server")
     p.add_argument("--bench-timeout", type=float, default=1800.0, help="seconds per bench subprocess")
     p.add_argument("--work-dir", default=None, help="keep the repository, dataset and logs here")
@@ -194,7 +197,7 @@ def run_client_bench(url: str, args, dataset: Path, num_requests: int, rates: li
     cmd = [sys.executable, "-m", "client.cli", "bench", "--url", url, "--protocol", args.protocol,
            "--model", args.model_name, "--dataset", str(dataset), "--num-requests", str(num_requests),
            "--request-rate", ",".join(rates), "--temperature", str(temperature), "--top-p", "1.0",
-           "--json", str(json_path), "--no-progress"]
+           "--json", str(json_path), "--no-progress", "--workers", str(args.client_workers)]
     if max_concurrency is not None:
         cmd += ["--max-concurrency", str(max_concurrency)]
     print("client:", " ".join(cmd), file=sys.stderr, flush=True)
@@ -252,7 +255,7 @@ def run(args) -> dict:
         "requested_prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
         "requested_output_tokens": sum(r.max_tokens for r in requests),
         "environment": environment(device), "target_ratio_to_offline": TARGET_RATIO,
-        "client": "paged-client bench (client/cli.py), subprocess",
+        "client": f"paged-client bench (client/cli.py), subprocess, {args.client_workers} worker process(es)",
     }
     server = None
     try:

@@ -252,7 +252,8 @@ async def _one_request(client, request: BenchRequest, base_sampling: dict[str, A
 
 async def run_benchmark(client, requests: list[BenchRequest], *, request_rate: float = math.inf,
                         max_concurrency: int | None = None, sampling: dict[str, Any] | None = None,
-                        seed: int = 0, progress: Callable[[RequestResult], None] | None = None) -> BenchResult:
+                        seed: int = 0, progress: Callable[[RequestResult], None] | None = None,
+                        indices: list[int] | None = None, start_at: float | None = None) -> BenchResult:
     """Run the workload against `client` (an `AsyncClient`) and compute the metrics.
 
     Args:
@@ -262,6 +263,9 @@ async def run_benchmark(client, requests: list[BenchRequest], *, request_rate: f
         sampling: sampling keywords for every request (max_tokens comes from each request).
         seed: seeds the arrival times.
         progress: called with each finished request's result.
+        indices: send only these requests of the workload, each at its own arrival time (one
+            worker's share, see `client.bench_workers`); results come in this order.
+        start_at: `time.perf_counter()` reading at which arrival time 0 falls (default: now).
     """
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -269,7 +273,11 @@ async def run_benchmark(client, requests: list[BenchRequest], *, request_rate: f
     offsets = arrival_offsets(len(requests), request_rate, seed)
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     base = dict(sampling or {})
-    start = time.perf_counter()
+    if indices is None:
+        indices = list(range(len(requests)))
+    if start_at is not None and start_at > time.perf_counter():
+        await asyncio.sleep(start_at - time.perf_counter())
+    start = time.perf_counter() if start_at is None else start_at
 
     async def send(i: int) -> RequestResult:
         delay = offsets[i] - (time.perf_counter() - start)
@@ -284,7 +292,7 @@ async def run_benchmark(client, requests: list[BenchRequest], *, request_rate: f
             progress(result)
         return result
 
-    results = await asyncio.gather(*(send(i) for i in range(len(requests))))
+    results = await asyncio.gather(*(send(i) for i in indices))
     duration = time.perf_counter() - start
     metrics = compute_metrics(list(results), duration)
     metrics["request_rate"] = request_rate if not math.isinf(request_rate) else "inf"

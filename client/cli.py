@@ -156,6 +156,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_benchmark,
         synthetic_requests,
     )
+    from client.bench_workers import run_benchmark_workers, split_concurrency
 
     sampling = _sampling_from_args(args)
     if "max_tokens" in sampling:  # --max-tokens is an alias of --output-len here
@@ -174,6 +175,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             prefix_len=args.prefix_len)
     rates = [float(x) for x in _parse_list(args.request_rate, str)]
     concurrencies = _parse_list(args.max_concurrency, int) if args.max_concurrency else [None]
+    if args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        for concurrency in concurrencies:
+            split_concurrency(concurrency, args.workers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs = []
 
     async def sweep():
@@ -185,6 +195,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 sampling.setdefault("ignore_eos", True)
             for rate in rates:
                 for concurrency in concurrencies:
+                    if args.workers > 1:  # blocks this loop: its client is idle meanwhile
+                        result = run_benchmark_workers(
+                            {"url": args.url, "protocol": args.protocol, "model": args.model,
+                             "timeout_s": args.timeout},
+                            requests, workers=args.workers, request_rate=rate,
+                            max_concurrency=concurrency, sampling=sampling, seed=args.workload_seed)
+                        runs.append(result)
+                        print(format_report(result.metrics), flush=True)
+                        continue
                     progress = Progress(len(requests), enabled=not args.no_progress,
                                         desc=f"rate={rate} conc={concurrency}")
                     try:
@@ -276,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw latency-vs-throughput chart")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=1,
+                   help="client processes sharing the workload (one Python process parses a few "
+                        "thousand streamed responses/s; use more against a fast server)")
     _add_sampling_args(p)
     p.add_argument("--workload-seed", type=int, default=0,
                    help="seed of the synthetic prompts and arrival times (--seed is the sampling seed)")

@@ -89,3 +89,32 @@ def test_metrics_and_health_commands(llm_server, capsys):
     assert main(["generate", "Hello", "--url", llm_server.grpc_url, "--max-tokens", "3",
                  "--stream", "--ignore-eos"]) == 0
     assert "finish_reason=length" in capsys.readouterr().err
+
+
+def test_bench_workers_share_one_workload(llm_server, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--url", llm_server.grpc_url, "-n", "7", "--input-len", "10",
+               "--output-len", "4", "--request-rate", "50", "--workers", "2",
+               "--json", str(out), "--no-progress"])
+    assert rc == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    _check_run(run, 7, 4)
+    assert run["metrics"]["workers"] == 2
+    # Poisson arrivals at 50/s: the workers keep the single-process schedule, so requests start
+    # in workload order (to within scheduling noise) on one clock.
+    starts = [r["start_s"] for r in run["requests"]]
+    assert all(b >= a - 0.05 for a, b in zip(starts, starts[1:])), starts
+    assert min(starts) >= 0
+
+    assert main(["bench", "--url", llm_server.grpc_url, "-n", "2", "--max-concurrency", "1",
+                 "--workers", "2", "--no-progress"]) == 2
+    assert "below --workers" in capsys.readouterr().err
+
+
+def test_concurrency_is_split_among_workers():
+    from client.bench_workers import split_concurrency
+
+    assert split_concurrency(7, 3) == [3, 2, 2] and sum(split_concurrency(256, 5)) == 256
+    assert split_concurrency(None, 2) == [None, None]
+    with pytest.raises(ValueError, match="below --workers"):
+        split_concurrency(1, 2)
