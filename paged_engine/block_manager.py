@@ -174,6 +174,9 @@ class BlockManager:
         find_cached_prefix; the caller sets num_computed_tokens to match). Returns False, changing
         nothing, when not enough blocks are free.
         """
+        table = seq.block_table
+        if table and seq.num_computed_tokens + num_new_tokens <= len(table) * self.block_size:
+            return True  # the common decode step: its blocks already hold room for the tokens
         if not self.can_allocate(seq, num_new_tokens, cached_block_ids):
             return False
         if not seq.block_table and cached_block_ids:
@@ -217,6 +220,8 @@ class BlockManager:
         """Register the sequence's blocks that are now full of computed KV in the prefix cache."""
         if not self.enable_prefix_caching:
             return
+        if seq.num_computed_tokens < (seq.num_registered_blocks + 1) * self.block_size:
+            return  # no block filled up since the last registration (most steps)
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for i in range(seq.num_registered_blocks, num_full):
             block = self.blocks[seq.block_table[i]]

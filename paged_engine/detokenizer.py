@@ -87,8 +87,15 @@ class _TokenizerInfo:
     mode: str  # "byte_level" | "byte_fallback" | "generic"
     special_ids: frozenset  # ids dropped by decode(..., skip_special_tokens=True)
     id_to_token: object  # callable id -> token string (None for "generic")
+    # The backend's decode(ids, skip_special_tokens=...) where it returns exactly what the
+    # tokenizer's decode returns, else None. It skips the wrapper's per-call Python work (input
+    # conversion, keyword handling), most of the cost of decoding a 2-token window.
+    fast_decode: object = None
     _token_bytes: dict = field(default_factory=dict)  # byte_level: id -> raw bytes
     _is_byte_token: dict = field(default_factory=dict)  # byte_fallback: id -> bool
+    # fast_decode([id]) by skip_special_tokens, then id: the context of most windows is the one
+    # token emitted last, so this saves one of the two decodes of a step.
+    _token_text: dict = field(default_factory=lambda: {False: {}, True: {}})
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of a token, exactly as the `tokenizers` ByteLevel decoder produces them."""
@@ -101,6 +108,15 @@ class _TokenizerInfo:
                 raw = token.encode("utf-8")
             self._token_bytes[token_id] = raw
         return raw
+
+    def token_text(self, token_id: int, skip_special_tokens: bool) -> str:
+        """fast_decode([token_id], skip_special_tokens=...), cached."""
+        cache = self._token_text[skip_special_tokens]
+        text = cache.get(token_id)
+        if text is None:
+            text = self.fast_decode([token_id], skip_special_tokens=skip_special_tokens)
+            cache[token_id] = text
+        return text
 
     def is_byte_token(self, token_id: int) -> bool:
         """True for ByteFallback's `<0xXX>` tokens."""
@@ -155,7 +171,31 @@ def _build_info(tokenizer) -> _TokenizerInfo:
         mode = "byte_fallback"
     else:
         mode = "generic"
-    return _TokenizerInfo(mode, special, backend.id_to_token)
+    return _TokenizerInfo(mode, special, backend.id_to_token, _fast_decode(tokenizer, backend))
+
+
+def _fast_decode(tokenizer, backend):
+    """backend.decode when calling it is what tokenizer.decode does, else None.
+
+    That holds for an HF fast tokenizer whose class keeps the base class's decode and _decode
+    (they convert the ids, then call the backend) and that does not clean up spaces afterwards.
+    A raw `tokenizers.Tokenizer` is its own backend: nothing to skip.
+    """
+    if backend is tokenizer:
+        return None
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (
+        not isinstance(tokenizer, PreTrainedTokenizerFast)
+        or cls.decode is not PreTrainedTokenizerFast.decode
+        or cls._decode is not PreTrainedTokenizerFast._decode
+        or getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    ):
+        return None
+    return backend.decode
 
 
 def _tokenizer_info(tokenizer) -> _TokenizerInfo:
@@ -198,6 +238,13 @@ def _clean_end_byte_level(info, ids, read_offset, skip_special_tokens) -> int:
     byte stream: not inside a multi-byte character that the following bytes (if any) continue.
     An incomplete sequence followed by a byte that cannot continue it is finished: the decoder
     has already replaced it by U+FFFD. Returns read_offset when there is none."""
+    special_ids = info.special_ids
+    for token_id in reversed(ids):  # fastest path: the last decoded byte is ASCII
+        if not (skip_special_tokens and token_id in special_ids):
+            last = info.token_bytes(token_id)
+            if last and last[-1] < 0x80:
+                return len(ids)
+            break
     tail = b""  # fast path: the window's last bytes end on a finished character
     for token_id in reversed(ids):
         if not (skip_special_tokens and token_id in info.special_ids):
@@ -252,9 +299,9 @@ def _window_delta(
     """(text that ids[read_offset:end] add to ids[:read_offset], end), where ids[end:] is the
     held-back incomplete tail (empty when final); None when nothing can be emitted."""
 
-    def decode(token_ids):
-        return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-
+    decode = info.fast_decode
+    if decode is None or "decode" in getattr(tokenizer, "__dict__", ()):
+        decode = tokenizer.decode  # also when replaced on the instance (a wrapper, a counter)
     new_text = None
     if final:
         end = len(ids)
@@ -265,15 +312,19 @@ def _window_delta(
     else:  # vLLM's rule: the decoded text must not end in U+FFFD
         end = read_offset
         for t in range(len(ids), max(read_offset, len(ids) - _GENERIC_MAX_HELD_TOKENS), -1):
-            text = decode(ids[:t])
+            text = decode(ids[:t], skip_special_tokens=skip_special_tokens)
             if not text.endswith(_REPLACEMENT_CHAR):
                 end, new_text = t, text
                 break
     if end <= read_offset:
         return None
     if new_text is None:
-        new_text = decode(ids[:end])
-    prefix_text = decode(ids[:read_offset]) if read_offset > 0 else ""
+        new_text = decode(ids[:end], skip_special_tokens=skip_special_tokens)
+    prefix_text = ""
+    if read_offset == 1 and decode is info.fast_decode:
+        prefix_text = info.token_text(ids[0], skip_special_tokens)
+    elif read_offset > 0:
+        prefix_text = decode(ids[:read_offset], skip_special_tokens=skip_special_tokens)
     if len(new_text) <= len(prefix_text):
         # Nothing new (e.g. only skipped special tokens): keep the context where it is.
         return None
@@ -349,7 +400,7 @@ class IncrementalDetokenizer:
         """Append generated ids; return the text they complete ("" while held back)."""
         if self._finished:
             raise RuntimeError("add_tokens() after flush(): the detokenizer's stream has ended")
-        self.token_ids.extend(int(i) for i in new_token_ids)
+        self.token_ids.extend(map(int, new_token_ids))
         self._window = (self.prefix_offset, self.read_offset, len(self.token_ids))
         self._window_taken = False
         return self._advance(final=False)

@@ -24,10 +24,10 @@ import threading
 from typing import Any
 
 from paged_engine.config import EngineConfig
-from paged_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from paged_engine.outputs import CompletionOutput, LivePrefix, Logprob, RequestOutput
 from paged_engine.sampling_params import SamplingParams
 from paged_engine.scheduler import Scheduler
-from paged_engine.sequence import Request, Sequence
+from paged_engine.sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class LLMEngine:
         if sample_logprobs is not None:
             self._record_logprobs(seq, token_id, sample_logprobs)
 
-        num_out = seq.num_output_tokens
+        num_out = len(seq.output_token_ids)
         stops_active = num_out > params.min_tokens
         finish_reason = None
         stop_reason: Any = None
@@ -381,7 +381,7 @@ class LLMEngine:
         if finish_reason is None:
             if params.max_tokens is not None and num_out >= params.max_tokens:
                 finish_reason = "length"
-            elif seq.num_tokens >= self.max_model_len:
+            elif seq.num_prompt_tokens + num_out >= self.max_model_len:
                 finish_reason = "length"
 
         if finish_reason is not None and not isinstance(stop_reason, str):
@@ -425,11 +425,12 @@ class LLMEngine:
 
     def _make_output(self, request: Request) -> RequestOutput:
         outs = []
+        finished = True
         for seq in request.seqs:
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=LivePrefix(seq.output_token_ids, len(seq.output_token_ids)),
                     text=seq.output_text[: seq.num_emitted_chars],
                     new_token_ids=seq.pending_token_ids,
                     new_text=seq.pending_text,
@@ -438,16 +439,15 @@ class LLMEngine:
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     # No tokens this step (an n>1 sibling that waited, an abort): an empty
-                    # window, so a stateless decoder repeats nothing.
-                    detok_window=(
-                        (list(seq.detok_window[0]), seq.detok_window[1])
-                        if seq.pending_token_ids else ([], 0)
-                    ),
+                    # window, so a stateless decoder repeats nothing. Otherwise the window
+                    # taken this step, shared as is: window() returns a fresh list that
+                    # nothing mutates, and the next token replaces it.
+                    detok_window=seq.detok_window if seq.pending_token_ids else ([], 0),
                 )
             )
             seq.pending_token_ids = []
             seq.pending_text = ""
-        finished = request.is_finished
+            finished = finished and seq.status is SequenceStatus.FINISHED
         if finished:
             self.requests.pop(request.request_id, None)
         return RequestOutput(

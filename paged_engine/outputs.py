@@ -1,7 +1,8 @@
 """What the engine returns: RequestOutput with one CompletionOutput per sampled sequence.
 
 Each `LLMEngine.step()` returns fresh snapshots (later steps never mutate them), so a serving
-thread can hand them to another thread safely.
+thread can hand them to another thread safely. (`CompletionOutput.token_ids` is copied from the
+engine's append-only list when first read, which gives the same list.)
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class LivePrefix:
+    """The first `length` items of `items`, a list that is only ever appended to.
+
+    The engine passes one as `CompletionOutput.token_ids` instead of a copy; the copy is made
+    on first read. Copying every sequence's ids every step costs O(tokens so far) per token,
+    the largest host cost of a long decode batch, and most steps' outputs are never read whole.
+    """
+
+    __slots__ = ("items", "length")
+
+    def __init__(self, items: list[int], length: int):
+        self.items = items
+        self.length = length
+
+
+def _get_token_ids(self: CompletionOutput) -> list[int]:
+    ids = self._token_ids
+    if isinstance(ids, LivePrefix):
+        ids = self._token_ids = ids.items[: ids.length]
+    return ids
+
+
+def _set_token_ids(self: CompletionOutput, ids: list[int] | LivePrefix) -> None:
+    self._token_ids = ids
+
+
+# Set after @dataclass, so the generated __init__, __eq__ and __repr__ go through it.
+CompletionOutput.token_ids = property(_get_token_ids, _set_token_ids,
+                                      doc="All token ids generated so far (a list).")
 
 
 @dataclass

@@ -236,11 +236,14 @@ class Sampler:
         chosen_host, ranks_host = chosen.squeeze(1).tolist(), ranks.tolist()
         top_vals_h = top_vals.tolist() if top_vals is not None else None
         top_ids_h = top_ids.tolist() if top_ids is not None else None
-        logprob_out = []
-        for i, p in enumerate(params):
-            n = p.logprobs or 0
-            top = list(zip(top_ids_h[i][:n], top_vals_h[i][:n])) if n > 0 else []
-            logprob_out.append(SampleLogprobs(chosen_host[i], ranks_host[i], top))
+        if max_n == 0:  # the common batch: no row asked for alternatives
+            logprob_out = [SampleLogprobs(c, r, []) for c, r in zip(chosen_host, ranks_host)]
+        else:
+            logprob_out = []
+            for i, p in enumerate(params):
+                n = p.logprobs or 0
+                top = list(zip(top_ids_h[i][:n], top_vals_h[i][:n])) if n > 0 else []
+                logprob_out.append(SampleLogprobs(chosen_host[i], ranks_host[i], top))
         return SamplerOutput(ids_host, logprob_out)
 
     def mask_banned_tokens(self, logits: torch.Tensor, requests: Sequence) -> None:
@@ -301,25 +304,29 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, requests: Sequence, greedy: list[bool]):
         params = [r.params for r in requests]
-        # Greedy rows ride along with temperature 1; their result is discarded.
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+        # One pass over the rows decides every optional stage (most batches need none of them).
+        temps = []
+        use_min_p = use_top_k = use_top_p = False
+        row_seeds = []  # (row, generator seed) of seeded sampling rows
+        for i, (p, r, g) in enumerate(zip(params, requests, greedy)):
+            temps.append(1.0 if g else p.temperature)  # greedy rows ride along; result discarded
+            use_min_p = use_min_p or p.min_p > 0.0
+            use_top_k = use_top_k or (p.top_k is not None and 0 < p.top_k < self.vocab_size)
+            use_top_p = use_top_p or p.top_p < 1.0
+            if p.seed is not None and not g:
+                row_seeds.append((i, seed_for_position(p.seed, len(r.output_token_ids))))
         logits = logits / self._tensor(temps, torch.float32).unsqueeze(1)
-        if any(p.min_p > 0.0 for p in params):
+        if use_min_p:
             apply_min_p(logits, self._tensor([p.min_p for p in params], torch.float32))
         top_k = top_p = None
-        if any(p.top_k is not None and 0 < p.top_k < self.vocab_size for p in params):
+        if use_top_k:
             top_k = self._tensor(
                 [p.top_k if p.top_k is not None and p.top_k > 0 else self.vocab_size for p in params],
                 torch.int64,
             )
-        if any(p.top_p < 1.0 for p in params):
+        if use_top_p:
             top_p = self._tensor([p.top_p for p in params], torch.float32)
         logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
-        row_seeds = [
-            (i, seed_for_position(p.seed, len(r.output_token_ids)))
-            for i, (p, r) in enumerate(zip(params, requests))
-            if p.seed is not None and not greedy[i]
-        ]
         noise = exponential_noise(tuple(probs.shape), self.device, self.generator, row_seeds)
         return (probs / noise).argmax(dim=-1)

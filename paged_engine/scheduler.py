@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 class ScheduledChunk:
     """The work of one sequence in one step (the seam with the model runner).
 
-    `prompt_token_ids` and `output_token_ids` are the sequence's live lists: read them during
-    `run()`, do not keep or mutate them.
+    `block_table`, `prompt_token_ids` and `output_token_ids` are the sequence's live lists (no
+    per-step copies): read them during `run()`, do not keep or mutate them.
     """
 
     seq_id: int                  # unique per sequence (n>1 children have their own)
@@ -138,7 +138,7 @@ class Scheduler:
             seq_id=seq.seq_id,
             token_ids=seq.token_slice(start, end),
             start_pos=start,
-            block_table=list(seq.block_table),
+            block_table=seq.block_table,
             do_sample=end == seq.num_tokens,
             params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
@@ -182,7 +182,7 @@ class Scheduler:
             i += 1
 
         # 2. admit waiting sequences, FCFS, unless this step had to preempt
-        if not preempted:
+        if not preempted and self.waiting:
             slots_used = self._num_seq_slots_used()
             while self.waiting and budget > 0:
                 seq = self.waiting[0]
@@ -232,21 +232,23 @@ class Scheduler:
         that sampled; the engine then detokenizes and decides stops (finish_seq).
         """
         results = []
+        register_full_blocks = self.block_manager.register_full_blocks
+        num_logprobs = len(logprobs) if logprobs is not None else 0
         j = 0
         for chunk, seq in zip(batch.chunks, batch.seqs):
             token = lp = None
             if chunk.do_sample:
-                token = sampled_token_ids[j]
-                lp = logprobs[j] if logprobs is not None and j < len(logprobs) else None
+                token = int(sampled_token_ids[j])
+                lp = logprobs[j] if j < num_logprobs else None
                 j += 1
-            if seq.status != SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed_tokens += len(chunk.token_ids)
-            self.block_manager.register_full_blocks(seq)
+            register_full_blocks(seq)
             if token is None:
                 continue
-            seq.output_token_ids.append(int(token))
-            results.append((seq, int(token), lp))
+            seq.output_token_ids.append(token)
+            results.append((seq, token, lp))
             if seq.index == 0 and seq.request.pending_children:
                 self._fork_children(seq)
         return results

@@ -121,6 +121,22 @@ def test_max_tokens_length(model_dir):
     assert out.text == engine.tokenizer.decode(script[:3])
 
 
+def test_step_outputs_are_snapshots(model_dir):
+    """A step's token_ids are that step's, whether read at once or only after later steps."""
+    engine, script = scripted(model_dir, TEXT)
+    engine.add_request("r", prompt_token_ids=PROMPT,
+                       params=SamplingParams(max_tokens=len(script), ignore_eos=True))
+    outputs, read_during_run = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.append(out)
+            if len(outputs) % 2:
+                read_during_run.append((len(outputs), out.outputs[0].token_ids))
+    want = [script[:k] for k in range(1, len(script) + 1)]
+    assert [o.outputs[0].token_ids for o in outputs] == want
+    assert read_during_run and all(ids == script[:k] for k, ids in read_during_run)
+
+
 def test_logprobs_shape(model_dir):
     engine, script = scripted(model_dir, "Hello world")
     out, _ = run(engine, SamplingParams(max_tokens=3, logprobs=2))
