@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -61,8 +62,7 @@ def now_s(device: str) -> float:
 
 
 def free_device_memory(device: str) -> None:
-    import gc
-
+    gc.unfreeze()  # make_engine froze the engine with the start-up heap
     gc.collect()
     if device.startswith("cuda"):
         import torch
@@ -294,7 +294,12 @@ def make_engine(model_dir: str, device: str, dtype: str, max_model_len: int | No
             kwargs[name] = value
     if not getattr(args, "prefix_caching", True):
         kwargs["enable_prefix_caching"] = False
-    return LLMEngine(EngineConfig(**kwargs))
+    engine = LLMEngine(EngineConfig(**kwargs))
+    # As paged_llm does after start-up (vLLM too): full collections would otherwise walk the
+    # whole import heap, a pause every few dozen steps (benchmarks.host_overhead --gc-freeze).
+    gc.collect()
+    gc.freeze()
+    return engine
 
 
 @dataclass
