@@ -310,3 +310,15 @@ def test_a_merged_response_carries_both_steps_for_every_completion():
     assert list(arrays["finish_reason"]) == ["length", "length"] and merged.finished
     import json
     assert [list(map(int, (k for d in json.loads(x) for k in d))) for x in arrays["logprobs"]] == [[6, 7], [8, 9]]
+
+
+def test_a_non_streaming_request_observes_its_time_per_output_token_once(loop_factory):
+    metrics = RecordingMetrics()
+    loop, sender = loop_factory(FakeEngine(), metrics=metrics)
+    rs = FakeResponseSender()
+    loop.submit(rs, _parsed(5, stream=False))
+    (outputs, _, final), = sender.wait_final(rs)
+    assert final and outputs["text_output"][0] == "xxxxx"
+    names = [n for n, _ in metrics.observed]
+    assert names.count("vllm:time_per_output_token_seconds") == 1
+    assert names.count("vllm:time_to_first_token_seconds") == 1
