@@ -49,8 +49,6 @@ class _Request:
     num_queued: int = 0  # streamed responses handed to the sender (written by the engine thread)
     num_sent: int = 0  # of those, the ones that have left (written by the sender thread)
     held: object | None = None  # RequestOutput deltas waiting for the previous response to leave
-    tokens_reported_s: float | None = None  # time of the last token a response carried
-    num_tokens_reported: int = 0  # tokens the responses so far carried
 
 
 def _merge_outputs(earlier, later):
@@ -260,6 +258,13 @@ class EngineLoop:
                 if self._metrics is not None:
                     self._sender.call(self._metrics.observe, "vllm:e2e_request_latency_seconds",
                                       now - req.arrival_s)
+                    if req.num_output_tokens > 1:
+                        # Once per request, its mean: a message to Triton per token would
+                        # cost as much as sending the token.
+                        self._sender.call(self._metrics.observe,
+                                          "vllm:time_per_output_token_seconds",
+                                          (req.last_token_s - req.first_token_s)
+                                          / (req.num_output_tokens - 1))
                 if output.outputs and output.outputs[0].finish_reason == "abort":
                     # Aborted by the engine itself (not by us): tell the client.
                     self._sender.send(req.response_sender, final=True,
@@ -289,7 +294,6 @@ class EngineLoop:
                 self._queue_response(req, output)
 
     def _queue_response(self, req: _Request, output) -> None:
-        self._observe_time_per_output_token(req)
         try:
             arrays = self._build(req, output)
         except Exception as e:
@@ -302,22 +306,6 @@ class EngineLoop:
             return
         req.num_queued += 1
         self._sender.send(req.response_sender, arrays, final=output.finished, tracker=req)
-
-    def _observe_time_per_output_token(self, req: _Request) -> None:
-        """One observation per response: the mean time per token generated since the previous
-        response's last token (the first token is TTFT's, not counted here). A non-streaming
-        request's one response covers all its tokens."""
-        tokens = req.num_output_tokens - req.num_tokens_reported
-        if not tokens:
-            return
-        since = req.tokens_reported_s
-        if since is None:
-            since, tokens = req.first_token_s, tokens - 1
-        req.tokens_reported_s = req.last_token_s
-        req.num_tokens_reported = req.num_output_tokens
-        if tokens > 0 and self._metrics is not None:
-            self._sender.call(self._metrics.observe, "vllm:time_per_output_token_seconds",
-                              (req.last_token_s - since) / tokens)
 
     def _build(self, req: _Request, output):
         prompt_text = req.parsed.prompt
