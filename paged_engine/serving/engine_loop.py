@@ -57,8 +57,8 @@ def _merge_outputs(earlier, later):
     for a, b in zip(earlier.outputs, later.outputs):
         if a.index != b.index:
             raise ValueError(f"cannot merge completions {a.index} and {b.index}")
-        outs.append(dataclasses.replace(b, new_token_ids=list(a.new_token_ids) + list(b.new_token_ids),
-                                        new_text=a.new_text + b.new_text))
+        new_ids = list(a.new_token_ids) + list(b.new_token_ids)
+        outs.append(dataclasses.replace(b, new_token_ids=new_ids, new_text=a.new_text + b.new_text))
     return dataclasses.replace(later, outputs=outs)
 
 
