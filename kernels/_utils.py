@@ -50,6 +50,19 @@ def check_kernel_device(op: str, tensors: dict[str, torch.Tensor]) -> torch.devi
     return device
 
 
+def check_kernel_tensors(op: str, tensors: dict[str, torch.Tensor], vectors: tuple[str, ...]) -> torch.device:
+    """The layout every launcher needs: all tensors on one device that runs Triton kernels, the
+    ones named in `vectors` (1-D index tensors) contiguous, every other one with a contiguous
+    last dim. Returns the device."""
+    device = check_kernel_device(op, tensors)
+    for name, t in tensors.items():
+        if name not in vectors:
+            check_last_dim_contiguous(op, name, t)
+        elif t.numel() > 0 and t.stride(0) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous")
+    return device
+
+
 def check_dim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")

@@ -31,8 +31,7 @@ from ._utils import (
     cdiv,
     check_dim,
     check_paged_attention,
-    check_kernel_device,
-    check_last_dim_contiguous,
+    check_kernel_tensors,
     dot_precision,
     interpreting,
     next_power_of_2,
@@ -287,12 +286,7 @@ def paged_decode_attention(
     tensors["context_lens"] = context_lens
     if out is not None:
         tensors["out"] = out
-    device = check_kernel_device(_OP, tensors)
-    for name, t in tensors.items():
-        if name != "context_lens":
-            check_last_dim_contiguous(_OP, name, t)
-    if context_lens.numel() > 0 and context_lens.stride(0) != 1:
-        raise ValueError(f"{_OP}: context_lens must be contiguous")
+    device = check_kernel_tensors(_OP, tensors, vectors=("context_lens",))
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group_size = num_heads // num_kv_heads

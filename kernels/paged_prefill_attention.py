@@ -23,8 +23,7 @@ from ._utils import (
     check_dim,
     check_paged_attention,
     check_dtype,
-    check_kernel_device,
-    check_last_dim_contiguous,
+    check_kernel_tensors,
     dot_precision,
     interpreting,
     next_power_of_2,
@@ -226,12 +225,7 @@ def paged_prefill_attention(
     tensors.update(cu_seqlens_q=cu_seqlens_q, context_lens=context_lens)
     if out is not None:
         tensors["out"] = out
-    device = check_kernel_device(_OP, tensors)
-    for name in ("q", "k_cache", "v_cache", "block_tables") + (("out",) if out is not None else ()):
-        check_last_dim_contiguous(_OP, name, tensors[name])
-    for name in ("cu_seqlens_q", "context_lens"):
-        if tensors[name].numel() > 0 and tensors[name].stride(0) != 1:
-            raise ValueError(f"{_OP}: {name} must be contiguous")
+    device = check_kernel_tensors(_OP, tensors, vectors=("cu_seqlens_q", "context_lens"))
     total_q, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = context_lens.shape[0]

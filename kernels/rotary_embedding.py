@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import ATTN_DTYPES, check_dim, check_dtype, check_kernel_device, check_last_dim_contiguous
+from ._utils import ATTN_DTYPES, check_dim, check_dtype, check_kernel_tensors
 
 _OP = "rotary_embedding"
 
@@ -111,11 +111,8 @@ def rotary_embedding(
         ``(q, k)``, the same tensors, rotated.
     """
     _check(positions, q, k, cos_sin_cache)
-    check_kernel_device(_OP, {"positions": positions, "q": q, "k": k, "cos_sin_cache": cos_sin_cache})
-    for name, t in (("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache)):
-        check_last_dim_contiguous(_OP, name, t)
-    if positions.numel() > 0 and positions.stride(0) != 1:
-        raise ValueError(f"{_OP}: positions must be contiguous")
+    check_kernel_tensors(_OP, {"positions": positions, "q": q, "k": k, "cos_sin_cache": cos_sin_cache},
+                         vectors=("positions",))
     num_tokens, num_q_heads, _ = q.shape
     num_kv_heads = k.shape[1]
     half_dim = cos_sin_cache.shape[1] // 2

@@ -16,8 +16,7 @@ from ._utils import (
     ATTN_DTYPES,
     check_dim,
     check_dtype,
-    check_kernel_device,
-    check_last_dim_contiguous,
+    check_kernel_tensors,
     next_power_of_2,
 )
 
@@ -102,11 +101,8 @@ def store_kvcache(
         slot_mapping: int32/int64 ``[num_tokens]``; ``block * block_size + offset``; negative skips.
     """
     _check(k, v, k_cache, v_cache, slot_mapping)
-    check_kernel_device(_OP, {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping})
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_last_dim_contiguous(_OP, name, t)
-    if slot_mapping.numel() > 0 and slot_mapping.stride(0) != 1:
-        raise ValueError(f"{_OP}: slot_mapping must be contiguous")
+    check_kernel_tensors(_OP, {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "slot_mapping": slot_mapping},
+                         vectors=("slot_mapping",))
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return

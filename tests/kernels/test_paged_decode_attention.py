@@ -123,6 +123,7 @@ def _valid_args(dtype=torch.float32):
         (dict(q=torch.randn(2, 4, 32)), "head_dim"),
         (dict(k_cache=torch.randn(6, 16, 2, 64, dtype=torch.float16)), "dtypes differ"),
         (dict(k_cache=torch.randn(6, 16, 2, 128)[..., ::2]), "contiguous last dim"),
+        (dict(context_lens=torch.tensor([5, 0, 7, 0], dtype=torch.int32)[::2]), "context_lens must be contiguous"),
         (dict(out=torch.empty(2, 4, 63)), "out must be"),
         (dict(num_splits=0), "num_splits must be >= 1"),
         (dict(num_splits=4, workspace=DecodeWorkspace.allocate(2, 4, 64, 2, "cpu")), "workspace too small"),

@@ -138,6 +138,8 @@ def _valid_args():
         (dict(q=torch.randn(5, 4, 64, dtype=torch.float16)), "dtypes differ"),
         (dict(v_cache=torch.randn(6, 16, 1, 64)), "v_cache shape"),
         (dict(q=torch.randn(5, 4, 128)[..., ::2]), "contiguous last dim"),
+        (dict(cu_seqlens_q=torch.tensor([0, 0, 2, 0, 5, 0], dtype=torch.int32)[::2]), "cu_seqlens_q must be contiguous"),
+        (dict(context_lens=torch.tensor([2, 0, 9, 0], dtype=torch.int32)[::2]), "context_lens must be contiguous"),
         (dict(out=torch.empty(5, 4, 64, dtype=torch.float16)), "out must be"),
     ],
 )

@@ -118,5 +118,9 @@ def test_rotary_rejects_bad_input():
         rotary_embedding(torch.arange(3), q, k, cache.double())
     with pytest.raises(ValueError, match="positions must be one of"):
         rotary_embedding(torch.arange(3).float(), q, k, cache)
+    with pytest.raises(ValueError, match="positions must be contiguous"):
+        rotary_embedding(torch.arange(6)[::2], q, k, cache)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        rotary_embedding(torch.arange(3), torch.randn(3, 4, 128)[..., ::2], k, cache)
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
         compute_cos_sin_cache(64, 128, 10000.0, {"rope_type": "yarn", "factor": 4.0})

@@ -75,6 +75,7 @@ def test_store_kvcache_all_skipped_and_empty():
         (dict(k=torch.randn(5, 2, 32), v=torch.randn(5, 2, 32)), "k_cache"),
         (dict(v_cache=torch.randn(4, 16, 2, 64, dtype=torch.float16)), "v_cache"),
         (dict(k=torch.randn(5, 2, 128)[..., ::2]), "contiguous last dim"),
+        (dict(slot_mapping=torch.arange(10)[::2]), "slot_mapping must be contiguous"),
     ],
 )
 def test_store_kvcache_rejects_bad_input(change, message):
