@@ -14,6 +14,18 @@ from typing import Callable
 _STOP = object()
 
 
+def make_response(pb, outputs: dict | None = None, error: tuple[str, str] | None = None):
+    """A `pb_utils.InferenceResponse` from output arrays, or an error one from (code name, e.g.
+    "INVALID_ARG", message); None when there is neither (a bare final flag)."""
+    if error is not None:
+        code_name, message = error
+        code = getattr(pb.TritonError, code_name, pb.TritonError.INTERNAL)
+        return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, code))
+    if outputs is None:
+        return None
+    return pb.InferenceResponse(output_tensors=[pb.Tensor(name, array) for name, array in outputs.items()])
+
+
 class ResponseSenderThread:
     """Sends queued responses and runs queued metric updates on its own thread.
 
@@ -55,17 +67,6 @@ class ResponseSenderThread:
             self._queue.put(_STOP)
             self._thread.join(timeout_s)
 
-    def _build(self, outputs: dict | None, error: tuple[str, str] | None):
-        pb = self._pb
-        if error is not None:
-            code_name, message = error
-            code = getattr(pb.TritonError, code_name, pb.TritonError.INTERNAL)
-            return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message, code))
-        if outputs is None:
-            return None
-        tensors = [pb.Tensor(name, array) for name, array in outputs.items()]
-        return pb.InferenceResponse(output_tensors=tensors)
-
     def _run(self) -> None:
         final_flag = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         while True:
@@ -79,7 +80,7 @@ class ResponseSenderThread:
                     continue
                 response_sender, outputs, error, final, tracker = item
                 try:
-                    response = self._build(outputs, error)
+                    response = make_response(self._pb, outputs, error)
                     flags = final_flag if final else 0
                     if response is None:
                         response_sender.send(flags=flags)

@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from paged_engine.serving.request import trtllm_sampling_settings
+from paged_engine.serving.sender import make_response
 
 
 def _param(model_config: dict, key: str, default: str) -> str:
@@ -97,14 +98,9 @@ class PreprocessingModel:
         responses = []
         for request in requests:
             try:
-                outputs = self._encode(request)
+                responses.append(make_response(pb, self._encode(request)))
             except Exception as e:
-                responses.append(pb.InferenceResponse(
-                    output_tensors=[], error=pb.TritonError(f"preprocessing: {e}",
-                                                            pb.TritonError.INVALID_ARG)))
-                continue
-            responses.append(pb.InferenceResponse(
-                output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()]))
+                responses.append(make_response(pb, error=("INVALID_ARG", f"preprocessing: {e}")))
         return responses
 
 
@@ -196,17 +192,10 @@ class PostprocessingModel:
         for request in requests:
             if request.is_cancelled():
                 self._abort_engine_request(request)
-                responses.append(pb.InferenceResponse(
-                    output_tensors=[], error=pb.TritonError("request was cancelled",
-                                                            pb.TritonError.CANCELLED)))
+                responses.append(make_response(pb, error=("CANCELLED", "request was cancelled")))
                 continue
             try:
-                outputs = self._decode(request)
+                responses.append(make_response(pb, self._decode(request)))
             except Exception as e:
-                responses.append(pb.InferenceResponse(
-                    output_tensors=[], error=pb.TritonError(f"postprocessing: {e}",
-                                                            pb.TritonError.INVALID_ARG)))
-                continue
-            responses.append(pb.InferenceResponse(
-                output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()]))
+                responses.append(make_response(pb, error=("INVALID_ARG", f"postprocessing: {e}")))
         return responses
