@@ -220,7 +220,7 @@ class StepProfiler:
         self.totals_s = {"schedule": 0.0, "run_decode": 0.0, "run_prefill": 0.0, "postprocess": 0.0}
         self.counts = {"decode_steps": 0, "prefill_steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
         self.max_batch_seqs = 0
-        self._orig = (engine.scheduler.schedule, engine.runner.run, engine._postprocess)
+        self._orig = (engine.scheduler.schedule, engine.executor.execute_model, engine._postprocess)
         sched, run, post = self._orig
 
         def schedule():
@@ -233,9 +233,9 @@ class StepProfiler:
             t = time.perf_counter()
             out = run(batch)
             dt = time.perf_counter() - t
-            n_tokens = sum(len(c.token_ids) for c in batch.chunks)
-            self.max_batch_seqs = max(self.max_batch_seqs, len(batch.chunks))
-            if n_tokens == len(batch.chunks):
+            n_tokens = sum(s.num_tokens for s in batch.seqs)
+            self.max_batch_seqs = max(self.max_batch_seqs, len(batch.seqs))
+            if n_tokens == len(batch.seqs):
                 self.totals_s["run_decode"] += dt
                 self.counts["decode_steps"] += 1
                 self.counts["decode_tokens"] += n_tokens
@@ -252,11 +252,11 @@ class StepProfiler:
             return out
 
         engine.scheduler.schedule = schedule
-        engine.runner.run = runner_run
+        engine.executor.execute_model = runner_run
         engine._postprocess = postprocess
 
     def restore(self) -> None:
-        for obj, name in ((self.engine.scheduler, "schedule"), (self.engine.runner, "run"),
+        for obj, name in ((self.engine.scheduler, "schedule"), (self.engine.executor, "execute_model"),
                           (self.engine, "_postprocess")):
             if obj is not None and name in vars(obj):
                 delattr(obj, name)
@@ -288,7 +288,7 @@ def make_engine(model_dir: str, device: str, dtype: str, max_model_len: int | No
     kwargs: dict[str, Any] = dict(model=model_dir, device=device, dtype=dtype, load_format="dummy",
                                   max_model_len=max_model_len, seed=0)
     for name in ("block_size", "num_kv_blocks", "gpu_memory_utilization", "max_num_seqs",
-                 "max_num_batched_tokens", "enforce_eager"):
+                 "max_num_batched_tokens", "enforce_eager", "tensor_parallel_size"):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
@@ -483,6 +483,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--enforce-eager", action="store_true", default=None)
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="ranks the model is split over (cuda:0..N-1; benchmarks.tp compares them)")
     g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-only checks and benchmarks of issues 4 and 7, in stages meant for one 10-minute device
 # call each. On the GPU machine, from the project root:
-#   bash benchmarks/gpu_session.sh check      # GPU tests (CUDA graphs, bf16 kernels) + kernels.bench
+#   bash benchmarks/gpu_session.sh check      # GPU tests (CUDA graphs, bf16 kernels) + benchmarks.kernels
 #   bash benchmarks/gpu_session.sh w1         # throughput W1 (Qwen3-0.6B) beside transformers
 #   bash benchmarks/gpu_session.sh w3         # batch-1 latency W3 (Llama-3-8B)
 #   bash benchmarks/gpu_session.sh w2         # throughput W2 (Llama-3-8B)
@@ -32,8 +32,9 @@ for stage in "$@"; do
     check)
       step gpu-tests python3 -m pytest -q -p no:cacheprovider \
         tests/engine/test_model_runner.py::test_cuda_profiling_and_graphs_match_eager \
-        tests/engine/test_model_forward.py::test_bfloat16_kernels_on_gpu_match_float32_reference
-      step kernels python3 -m kernels.bench --json "$out/kernels.json" ;;
+        tests/engine/test_model_forward.py::test_bfloat16_kernels_on_gpu_match_float32_reference \
+        tests/engine/test_model_families.py::test_bfloat16_families_on_gpu_match_float32_reference
+      step kernels python3 -m benchmarks.kernels --json "$out/kernels.json" ;;
     w1) step w1 python3 -m benchmarks.throughput --workload W1 --json "$out/w1.json" ;;
     w2) step w2 python3 -m benchmarks.throughput --workload W2 --json "$out/w2.json" ;;
     w3) step w3 python3 -m benchmarks.latency --json "$out/w3.json" ;;

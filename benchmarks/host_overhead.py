@@ -103,9 +103,9 @@ def _since(t0: tuple[float, float]) -> tuple[float, float]:
 
 
 class HostOnlyRunner:
-    """The engine's runner seam with the model cut out.
+    """The engine's executor seam with the model cut out.
 
-    `run` prepares the real model inputs, runs the real sampler on a narrow logits probe and
+    `execute_model` applies the batch to the runner's sequence copies, prepares the real model inputs, runs the real sampler on a narrow logits probe and
     returns random full-vocabulary tokens; `last` says how long each part took (wall, CPU).
     """
 
@@ -113,8 +113,9 @@ class HostOnlyRunner:
                  seed: int = 0):
         import torch
 
-        from paged_engine.model_runner import ModelRunner
-        from paged_engine.sampler import Sampler
+        from paged_engine.executor.model_runner import ModelRunner
+        from paged_engine.executor.sampler import Sampler
+        from paged_engine.executor.sequence_state import SequenceStates
 
         self.num_kv_blocks = num_kv_blocks
         self.vocab_size = vocab_size
@@ -124,6 +125,7 @@ class HostOnlyRunner:
         self.model_runner.block_size = BLOCK_SIZE
         self.model_runner.device = torch.device("cpu")
         self.model_runner._pin = False
+        self.states = SequenceStates()
         self.sampler = Sampler(probe_vocab, "cpu", seed=seed)
         self.probe_logits = torch.randn(max_rows, probe_vocab,
                                         generator=torch.Generator().manual_seed(seed))
@@ -131,24 +133,28 @@ class HostOnlyRunner:
         self.last: dict[str, tuple[float, float]] = {}
         self.num_tokens_last = 0
 
-    def run(self, batch):
+    def execute_model(self, batch):
         import torch
 
-        from paged_engine.model_runner import RunnerOutput
+        from paged_engine.core.batch import ModelRunnerOutput
 
         t = _now()
-        _, _, _, sample_indices = self.model_runner._prepare(batch.chunks)
+        states = self.states.update(batch)
+        _, _, _, sample_indices, _ = self.model_runner._prepare(batch.seqs, states)
         self.model_runner._to_device(sample_indices, torch.int64)
         prepare = _since(t)
         t = _now()
-        rows = [c for c in batch.chunks if c.do_sample]
-        sampled = self.sampler(self.probe_logits[: len(rows)], rows)
+        rows = [i for i, s in enumerate(batch.seqs) if s.do_sample]
+        sampled = self.sampler(self.probe_logits[: len(rows)], [states[i] for i in rows])
         sample = _since(t)
         t = _now()
-        token_ids = [self.rng.randrange(self.vocab_size) for _ in rows]
+        output = ModelRunnerOutput.empty(len(batch.seqs))
+        for j, i in enumerate(rows):
+            output.sampled_token_ids[i].append(self.rng.randrange(self.vocab_size))
+            output.logprobs[i].append(sampled.logprobs[j])
         self.last = {"prepare": prepare, "sample": sample, "fake": _since(t)}
-        self.num_tokens_last = sum(len(c.token_ids) for c in batch.chunks)
-        return RunnerOutput(token_ids, sampled.logprobs)
+        self.num_tokens_last = sum(s.num_tokens for s in batch.seqs)
+        return output
 
 
 def _timed(fn, record: dict[str, tuple[float, float]], key: str):
@@ -190,7 +196,7 @@ def build_engine(model_dir: str, requests, max_tokens: int, probe_vocab: int):
                           max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           max_model_len=MAX_MODEL_LEN, seed=0)
     runner = HostOnlyRunner(num_blocks, config.hf_config.vocab_size, probe_vocab, len(requests))
-    return LLMEngine(config, runner=runner)
+    return LLMEngine(config, executor=runner)
 
 
 def measure(model_dir: str, workload, batch: int, steps: int, untimed_decode_steps: int,
@@ -210,7 +216,7 @@ def measure(model_dir: str, workload, batch: int, steps: int, untimed_decode_ste
     if gc_freeze:
         gc.collect()
         gc.freeze()
-    runner = engine.runner
+    runner = engine.executor
     for i, r in enumerate(requests):
         engine.add_request(f"req-{i}", prompt_token_ids=r.prompt_token_ids,
                            params=SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE,
@@ -229,7 +235,7 @@ def measure(model_dir: str, workload, batch: int, steps: int, untimed_decode_ste
     engine._postprocess = _timed(engine._postprocess, parts, "postprocess")
     keys = (*STAGES, "update_from_output", "host", "step")
     per_step = {clock: {k: [] for k in keys} for clock in CLOCKS}
-    tokens_before = engine.generation_tokens_total
+    tokens_before = engine.output_processor.generation_tokens_total
     outputs_per_step = []
     gc_timer = GCTimer()
     gc.callbacks.append(gc_timer)
@@ -270,7 +276,7 @@ def measure(model_dir: str, workload, batch: int, steps: int, untimed_decode_ste
         "prefill_steps": prefill_steps,
         "untimed_decode_steps": untimed_decode_steps,
         "timed_steps": steps,
-        "generated_tokens": engine.generation_tokens_total - tokens_before,
+        "generated_tokens": engine.output_processor.generation_tokens_total - tokens_before,
         "outputs_per_step": outputs_per_step,
         "unfinished_requests": engine.get_num_unfinished_requests(),
         "mean_prompt_tokens": prompt_tokens / batch,
@@ -288,13 +294,11 @@ def time_full_sampler(vocab_size: int, batch: int, reps: int) -> dict[str, Any]:
     import torch
 
     from paged_engine import SamplingParams
-    from paged_engine.sampler import Sampler
-    from paged_engine.scheduler import ScheduledChunk
+    from paged_engine.executor.sampler import Sampler
+    from paged_engine.executor.sequence_state import SequenceState
 
     params = SamplingParams(temperature=TEMPERATURE, ignore_eos=True, max_tokens=16)
-    rows = [ScheduledChunk(seq_id=i, token_ids=[1], start_pos=0, block_table=[0], do_sample=True,
-                           params=params, prompt_token_ids=[1], output_token_ids=[])
-            for i in range(batch)]
+    rows = [SequenceState(i, [1], [], [0], params) for i in range(batch)]
     sampler = Sampler(vocab_size, "cpu", seed=0)
     logits = torch.randn(batch, vocab_size, generator=torch.Generator().manual_seed(0))
     sampler(logits, rows)  # untimed: first-call allocations

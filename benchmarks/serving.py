@@ -9,7 +9,7 @@
 2. The W1 prompts (random token ids) become text: the synthetic tokenizer decodes them to words
    that encode back to exactly the same ids (checked here; see model_dir.py), so the server's
    engine sees W1's tokens. They are written as a JSONL dataset with each request's max_tokens.
-3. A real tritonserver (paged_engine.tritonserver.TritonServer) serves the repository from
+3. A real tritonserver (paged_engine.deploy.tritonserver.TritonServer) serves the repository from
    `prepare_model_repository` with the W1 model (load_format="dummy") on the device.
 4. `paged-client bench` (client/cli.py, run as a subprocess: the load generator users run) sends
    a few untimed warm-up requests, then all requests at once (max concurrency), then at 3 Poisson
@@ -194,7 +194,7 @@ class MetricsPoller:
 
 def run_client_bench(url: str, args, dataset: Path, num_requests: int, rates: list[str],
                      json_path: Path, temperature: float, max_concurrency: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", "client.cli", "bench", "--url", url, "--protocol", args.protocol,
+    cmd = [sys.executable, "-m", "paged_triton.client.cli", "bench", "--url", url, "--protocol", args.protocol,
            "--model", args.model_name, "--dataset", str(dataset), "--num-requests", str(num_requests),
            "--request-rate", ",".join(rates), "--temperature", str(temperature), "--top-p", "1.0",
            "--json", str(json_path), "--no-progress", "--workers", str(args.client_workers)]
@@ -232,8 +232,8 @@ def default_rates(max_concurrency_rps: float) -> list[str]:
 
 def run(args) -> dict:
     setup_env()
-    from paged_engine.serving.repository import prepare_model_repository
-    from paged_engine.tritonserver import TritonServer
+    from paged_engine.deploy.repository import prepare_model_repository
+    from paged_engine.deploy.tritonserver import TritonServer
 
     from benchmarks.model_dir import load_hf_tokenizer, write_model_dir
 

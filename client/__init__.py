@@ -1,8 +1,8 @@
 """Client library for paged-triton: sync and asyncio clients, CLI, load generator, OpenAI front door."""
 
-from client.async_client import AsyncClient
-from client.client import ChunkStream, Client, TextStream
-from client.errors import (
+from paged_triton.client.async_client import AsyncClient
+from paged_triton.client.client import ChunkStream, Client, TextStream
+from paged_triton.client.errors import (
     Cancelled,
     ClientError,
     ConnectionFailed,
@@ -12,7 +12,7 @@ from client.errors import (
     ServerError,
     Unavailable,
 )
-from client.protocol import Chunk, Completion
+from paged_triton.client.protocol import Chunk, Completion
 
 __all__ = [
     "AsyncClient", "Cancelled", "Chunk", "ChunkStream", "Client", "ClientError", "Completion",

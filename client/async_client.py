@@ -19,8 +19,8 @@ import urllib.parse
 import uuid
 from typing import Any
 
-from client.errors import ConnectionFailed
-from client.protocol import (
+from paged_triton.client.errors import ConnectionFailed
+from paged_triton.client.protocol import (
     Chunk,
     Completion,
     CompletionBuilder,
@@ -28,7 +28,7 @@ from client.protocol import (
     build_http_body,
     build_inputs,
 )
-from client.wire import (
+from paged_triton.client.wire import (
     GRPC_CHANNEL_OPTIONS,
     GRPC_METADATA,
     GenerateTarget,

@@ -212,7 +212,7 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict[str
 
 async def _one_request(client, request: BenchRequest, base_sampling: dict[str, Any],
                        bench_start_s: float) -> RequestResult:
-    from client.errors import ClientError
+    from paged_triton.client.errors import ClientError
 
     sampling = {**base_sampling, "max_tokens": request.max_tokens, **request.sampling}
     start = time.perf_counter()

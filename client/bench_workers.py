@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from client.bench import BenchRequest, BenchResult, compute_metrics, run_benchmark
+from paged_triton.client.bench import BenchRequest, BenchResult, compute_metrics, run_benchmark
 
 
 def split_concurrency(max_concurrency: int | None, workers: int) -> list[int | None]:
@@ -34,7 +34,7 @@ def split_concurrency(max_concurrency: int | None, workers: int) -> list[int | N
 
 def _worker(w: int, client_kwargs: dict, requests: list[BenchRequest], indices: list[int],
             run_kwargs: dict, events, go) -> None:
-    from client.async_client import AsyncClient
+    from paged_triton.client.async_client import AsyncClient
 
     async def main():
         async with AsyncClient(**client_kwargs) as client:

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from client.errors import ClientError
+from paged_triton.client.errors import ClientError
 
 # CLI flag -> sampling keyword, with its type. Flags left unset are not sent (server defaults).
 _SAMPLING_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -81,7 +81,7 @@ def _sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from client.client import Client
+    from paged_triton.client.client import Client
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     sampling = _sampling_from_args(args)
@@ -113,7 +113,7 @@ def _ms(seconds: float | None) -> str:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from client.client import Client
+    from paged_triton.client.client import Client
 
     with Client(args.url, protocol=args.protocol, timeout_s=args.timeout or 10.0) as c:
         live = c.is_server_live()
@@ -129,7 +129,7 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
-    from client.metrics import fetch_metrics, format_summary, parse_prometheus, summarize
+    from paged_triton.client.metrics import fetch_metrics, format_summary, parse_prometheus, summarize
 
     text = fetch_metrics(args.metrics_url)
     if args.raw:
@@ -145,9 +145,9 @@ def _parse_list(text: str, cast) -> list:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from client.async_client import AsyncClient
-    from client.protocol import VLLM
-    from client.bench import (
+    from paged_triton.client.async_client import AsyncClient
+    from paged_triton.client.protocol import VLLM
+    from paged_triton.client.bench import (
         Progress,
         format_report,
         load_jsonl,
@@ -156,7 +156,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         run_benchmark,
         synthetic_requests,
     )
-    from client.bench_workers import run_benchmark_workers, split_concurrency
+    from paged_triton.client.bench_workers import run_benchmark_workers, split_concurrency
 
     sampling = _sampling_from_args(args)
     if "max_tokens" in sampling:  # --max-tokens is an alias of --output-len here
@@ -228,7 +228,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from client.bench import plot_runs
+    from paged_triton.client.bench import plot_runs
 
     runs = []
     for path in args.results:
@@ -239,11 +239,23 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_openai(args: argparse.Namespace) -> int:
-    from client.openai_server import serve
+def _default_metrics_url(triton_url: str | None) -> str:
+    """Triton's metrics port (8002) on the host of the Triton URL."""
+    host = (triton_url or "localhost").split("://")[-1].rsplit(":", 1)[0] or "localhost"
+    return f"{host}:8002"
 
+
+def _cmd_openai(args: argparse.Namespace) -> int:
+    import os
+
+    from paged_triton.client.openai_server import serve
+
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     serve(host=args.host, port=args.port, triton_url=args.triton_url, protocol=args.protocol,
-          model=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer)
+          model=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
+          api_key=args.api_key or os.environ.get("PAGED_TRITON_API_KEY") or None,
+          metrics_url=args.metrics_url or _default_metrics_url(args.triton_url),
+          allowed_origins=origins, log_requests=not args.disable_log_requests)
     return 0
 
 
@@ -319,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir for the chat template (default: read from the server's "
                         "model config, tokenizer_dir parameter)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                        "$PAGED_TRITON_API_KEY; unset: no key)")
+    p.add_argument("--metrics-url", default=None,
+                   help="Triton metrics endpoint that /metrics proxies (default: the Triton "
+                        "host, port 8002)")
+    p.add_argument("--allowed-origins", default="*",
+                   help="comma-separated CORS origins ('*': any, '': no CORS headers)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no access-log line per request")
     p.set_defaults(func=_cmd_openai)
     return parser
 

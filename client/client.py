@@ -1,6 +1,6 @@
 """Synchronous client for the paged_llm engine model and the ensemble on a Triton server.
 
-    from client import Client
+    from paged_triton.client import Client
 
     with Client("localhost:8001") as c:
         print(c.generate("Hello", max_tokens=16).text)
@@ -25,8 +25,8 @@ import urllib.parse
 import uuid
 from typing import Any
 
-from client.errors import ClientError, ConnectionFailed, error_from_http
-from client.protocol import (
+from paged_triton.client.errors import ClientError, ConnectionFailed, error_from_http
+from paged_triton.client.protocol import (
     Chunk,
     Completion,
     CompletionBuilder,
@@ -34,7 +34,7 @@ from client.protocol import (
     build_http_body,
     build_inputs,
 )
-from client.wire import (
+from paged_triton.client.wire import (
     GRPC_CHANNEL_OPTIONS,
     GRPC_METADATA,
     GenerateTarget,

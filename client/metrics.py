@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from client.errors import ConnectionFailed, error_from_http
+from paged_triton.client.errors import ConnectionFailed, error_from_http
 
 _SAMPLE_RE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$')
@@ -108,13 +108,18 @@ def summarize(samples: list[Sample], types: dict[str, str], prefix: str = "vllm:
     """{family: {labels: value or HistogramSummary}} for the families starting with `prefix`."""
     out: dict[str, dict] = {}
     histograms: dict[tuple[str, str], HistogramSummary] = {}
+    # Histograms published as counter series (`<name>_bucket{le=...}`, `_sum`, `_count`; the
+    # server's per-token latencies) are histograms too.
+    bucketed = {s.name[: -len("_bucket")] for s in samples
+                if s.name.endswith("_bucket") and s.label("le") is not None}
     for s in samples:
         if not s.name.startswith(prefix):
             continue
         base = None
         for suffix in ("_bucket", "_sum", "_count"):
-            if s.name.endswith(suffix) and types.get(s.name[: -len(suffix)]) == "histogram":
-                base = s.name[: -len(suffix)]
+            stem = s.name[: -len(suffix)]
+            if s.name.endswith(suffix) and (types.get(stem) == "histogram" or stem in bucketed):
+                base = stem
                 break
         if base is None:
             out.setdefault(s.name, {})[_labels_key(s.labels)] = s.value

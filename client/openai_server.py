@@ -1,12 +1,14 @@
-"""OpenAI-compatible front door: `paged-client openai` (or `python -m client.openai_server`).
+"""OpenAI-compatible front door: `paged-client openai` (or `python -m paged_triton.client.openai_server`).
 
-Serves `/v1/completions`, `/v1/chat/completions` (streaming as Server-Sent Events ending with
-`data: [DONE]`, and not), `/v1/models` and `/health` by calling the Triton model through
-`AsyncClient`. `finish_reason` and `usage` are the engine's own (the paged_llm model reports
-them); errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape with the
-matching HTTP status. Chat prompts are rendered with the model's chat template: the tokenizer
-directory comes from `--tokenizer`, else from the `tokenizer_dir` parameter the server's model
-configs carry (the served model's, then `preprocessing`'s).
+Serves `/v1/completions` and `/v1/chat/completions` (streaming as Server-Sent Events ending with
+`data: [DONE]`, and not), `/v1/models`, `/health`, `/tokenize`, `/detokenize` and `/metrics`
+(Triton's, proxied) by calling the paged_llm model through `AsyncClient`. Logprobs, echo,
+structured outputs (`response_format`) and tool calls are planned in openai_protocol.py and
+tool_calls.py; this file is the HTTP side. `finish_reason` and `usage` are the engine's own
+(paged_llm reports them; the ensemble does not report token counts, so the door calls paged_llm
+by default). Errors use OpenAI's `{"error": {"message", "type", "param", "code"}}` shape with
+the matching HTTP status. `--api-key` makes `/v1/*` require `Authorization: Bearer <key>`; CORS
+headers are sent for the `--allowed-origins`.
 
 Built on aiohttp, which tritonclient[http] already depends on. A client that disconnects
 mid-stream cancels its Triton requests (the handler is cancelled, which cancels the gRPC call).
@@ -15,275 +17,24 @@ mid-stream cancels its Triton requests (the handler is cancelled, which cancels 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-from client.errors import (
-    Cancelled,
-    ClientError,
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
+from paged_triton.client import openai_protocol as proto
+from paged_triton.client import tool_calls
+from paged_triton.client.chat_template import ChatTemplate, find_tokenizer_dir
+from paged_triton.client.errors import ClientError
+from paged_triton.client.openai_errors import OpenAIError, bad_request, error_from_client
+from paged_triton.client.openai_protocol import GenerationPlan, plan_chat, plan_completion
+
+__all__ = ["OpenAIError", "OpenAIServer", "ServerThread", "error_from_client", "make_app",
+           "plan_chat", "plan_completion", "serve"]
 
 logger = logging.getLogger("paged_client.openai")
-
-# OpenAI request fields passed to the engine unchanged (vLLM's extra sampling fields included,
-# which the openai client sends through `extra_body`).
-_PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
-                "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                "include_stop_str_in_output", "skip_special_tokens", "bad_words")
-# Fields we accept and ignore (they do not change generation).
-_IGNORED = ("model", "user", "stream", "stream_options", "n", "echo", "suffix", "prompt",
-            "messages", "max_tokens", "max_completion_tokens", "stop", "logprobs", "top_logprobs",
-            "best_of", "logit_bias", "response_format", "tools", "tool_choice",
-            "parallel_tool_calls", "service_tier", "store", "metadata", "add_generation_prompt",
-            "chat_template_kwargs")
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def error_from_client(e: ClientError) -> OpenAIError:
-    """Map a Triton client error to the OpenAI status and type."""
-    if isinstance(e, NotFound):
-        return OpenAIError(404, e.message, type_="not_found_error", code="model_not_found")
-    if isinstance(e, InvalidArgument):
-        return OpenAIError(400, e.message, type_="invalid_request_error")
-    if isinstance(e, Unavailable):
-        return OpenAIError(503, e.message, type_="service_unavailable", code="unavailable")
-    if isinstance(e, DeadlineExceeded):
-        return OpenAIError(504, e.message, type_="timeout", code="timeout")
-    if isinstance(e, Cancelled):
-        return OpenAIError(499, e.message, type_="cancelled", code="cancelled")
-    return OpenAIError(500, e.message, type_="server_error", code="internal_error")
-
-
-@dataclass
-class GenerationPlan:
-    """What one OpenAI request asks for: prompts (one per choice) and sampling."""
-
-    prompts: list[str]            # one per choice, in choice-index order
-    sampling: list[dict[str, Any]]  # per choice
-    stream: bool
-    include_usage: bool = False
-    echo_prompts: list[str] = field(default_factory=list)  # per choice, "" when not echoing
-    choices_per_prompt: int = 1  # n
-
-
-def _check_type(body: dict, key: str, types: tuple, what: str) -> None:
-    if key in body and body[key] is not None and not isinstance(body[key], types):
-        raise OpenAIError(400, f"'{key}' must be {what}", param=key)
-
-
-def _sampling_from_body(body: dict) -> dict[str, Any]:
-    for key in body:
-        if key not in _PASSTHROUGH and key not in _IGNORED:
-            raise OpenAIError(400, f"unsupported parameter '{key}'", param=key,
-                              code="unsupported_parameter")
-    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p",
-                "repetition_penalty"):
-        _check_type(body, key, (int, float), "a number")
-    for key in ("seed", "top_k", "min_tokens"):
-        _check_type(body, key, (int,), "an integer")
-    if body.get("logit_bias"):
-        raise OpenAIError(400, "'logit_bias' is not supported", param="logit_bias",
-                          code="unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise OpenAIError(400, "'logprobs' is not supported by this server", param="logprobs",
-                          code="unsupported_parameter")
-    if body.get("best_of") not in (None, 1) and body.get("best_of") != body.get("n", 1):
-        raise OpenAIError(400, "'best_of' other than n is not supported", param="best_of",
-                          code="unsupported_parameter")
-    if body.get("suffix"):
-        raise OpenAIError(400, "'suffix' is not supported", param="suffix",
-                          code="unsupported_parameter")
-    sampling = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise OpenAIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
-        sampling["max_tokens"] = max_tokens
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise OpenAIError(400, "'stop' must be a string or a list of strings", param="stop")
-        if stop:
-            sampling["stop"] = stop
-    return sampling
-
-
-def _choices(body: dict) -> int:
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
-        raise OpenAIError(400, "'n' must be an integer between 1 and 128", param="n")
-    return n
-
-
-def _per_choice_sampling(sampling: dict, n: int, num_prompts: int) -> list[dict]:
-    """n samples of one prompt must differ: a seeded request gets seed + choice index."""
-    out = []
-    for _ in range(num_prompts):
-        for j in range(n):
-            s = dict(sampling)
-            if "seed" in s and j:
-                s["seed"] = s["seed"] + j
-            out.append(s)
-    return out
-
-
-def _stream_options(body: dict) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise OpenAIError(400, "'stream_options' must be an object", param="stream_options")
-    if not body.get("stream"):
-        raise OpenAIError(400, "'stream_options' needs 'stream': true", param="stream_options")
-    return bool(options.get("include_usage"))
-
-
-def plan_completion(body: Any) -> GenerationPlan:
-    """Validate a /v1/completions body and plan its generations."""
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
-        raise OpenAIError(400, "token-id prompts are not supported; send text", param="prompt",
-                          code="unsupported_parameter")
-    else:
-        raise OpenAIError(400, "'prompt' must be a non-empty string or list of strings",
-                          param="prompt")
-    if any(not p for p in prompts):
-        raise OpenAIError(400, "'prompt' must not be empty", param="prompt")
-    n = _choices(body)
-    sampling = _sampling_from_body(body)
-    echo = bool(body.get("echo"))
-    return GenerationPlan(
-        prompts=[p for p in prompts for _ in range(n)],
-        sampling=_per_choice_sampling(sampling, n, len(prompts)),
-        stream=bool(body.get("stream")),
-        include_usage=_stream_options(body),
-        echo_prompts=[p if echo else "" for p in prompts for _ in range(n)],
-        choices_per_prompt=n,
-    )
-
-
-def _message_text(content: Any) -> str:
-    """A message's content as text (string, or a list of text parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            else:
-                raise OpenAIError(400, "only text content parts are supported", param="messages")
-        return "".join(parts)
-    raise OpenAIError(400, "message content must be a string or a list of parts", param="messages")
-
-
-def plan_chat(body: Any, render) -> GenerationPlan:
-    """Validate a /v1/chat/completions body; `render(messages) -> prompt` applies the template."""
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIError(400, "'messages' must be a non-empty list", param="messages")
-    clean = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise OpenAIError(400, "each message needs a 'role'", param="messages")
-        if m["role"] not in ("system", "user", "assistant", "developer", "tool"):
-            raise OpenAIError(400, f"unknown message role {m['role']!r}", param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": _message_text(m.get("content"))})
-    if body.get("tools"):
-        raise OpenAIError(400, "'tools' are not supported", param="tools",
-                          code="unsupported_parameter")
-    n = _choices(body)
-    sampling = _sampling_from_body(body)
-    prompt = render(clean)
-    return GenerationPlan(prompts=[prompt] * n, sampling=_per_choice_sampling(sampling, n, 1),
-                          stream=bool(body.get("stream")), include_usage=_stream_options(body),
-                          echo_prompts=[""] * n, choices_per_prompt=n)
-
-
-def _finish_reason(reason: str | None) -> str | None:
-    # The engine says stop / length / abort; OpenAI has no "abort" (a cancelled request has no
-    # reader), so it is passed as is.
-    return reason
-
-
-class ChatTemplate:
-    """Renders messages with a Hugging Face tokenizer's chat template."""
-
-    def __init__(self, tokenizer_dir: str):
-        from transformers import AutoTokenizer
-
-        self.tokenizer_dir = tokenizer_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer at {tokenizer_dir} has no chat template")
-
-    def __call__(self, messages: list[dict]) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-        except Exception as e:  # jinja errors: e.g. the template rejects the role order
-            raise OpenAIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-
-
-async def find_tokenizer_dir(client) -> str | None:
-    """The `tokenizer_dir` parameter of the served model's config, else of `preprocessing`'s."""
-    candidates = [client.model, "preprocessing"]
-    for name in candidates:
-        try:
-            if name == client.model:
-                config = await client.model_config()
-            else:
-                from client.async_client import AsyncClient
-
-                other = AsyncClient(client.url, protocol=client.protocol, model=name)
-                try:
-                    config = await other.model_config()
-                finally:
-                    await other.close()
-        except ClientError:
-            continue
-        params = config.get("parameters", {}) or {}
-        for key in ("tokenizer_dir", "model_dir", "tokenizer"):
-            value = (params.get(key) or {}).get("string_value")
-            if value and "${" not in value:
-                return value
-    return None
-
 
 class OpenAIServer:
     """The aiohttp application around an `AsyncClient`.
@@ -292,30 +43,43 @@ class OpenAIServer:
         client: the AsyncClient to the Triton model.
         served_model_name: the id /v1/models lists and requests must name (default: the Triton
             model name); requests naming another model get 404.
-        tokenizer: tokenizer dir for chat; None reads it from the server on first chat request.
+        tokenizer: tokenizer dir for chat, echo and /tokenize; None reads it from the server.
+        api_key: when set, /v1/* requests need `Authorization: Bearer <api_key>` (else 401).
+        metrics_url: Triton's metrics endpoint that /metrics proxies (None: /metrics is 404).
+        allowed_origins: origins CORS headers are sent for ("*": any); empty: no CORS headers.
     """
 
-    def __init__(self, client, served_model_name: str | None = None, tokenizer: str | None = None):
+    def __init__(self, client, served_model_name: str | None = None, tokenizer: str | None = None,
+                 api_key: str | None = None, metrics_url: str | None = None,
+                 allowed_origins: tuple[str, ...] = ("*",)):
         self.client = client
         self.served_model_name = served_model_name or client.model
         self._tokenizer_dir = tokenizer
         self._template: ChatTemplate | None = None
         self._template_lock = asyncio.Lock()
+        self.api_key = api_key or None
+        self.metrics_url = metrics_url
+        self.allowed_origins = tuple(allowed_origins)
         self.created = int(time.time())
+        self._kind_checked = False
 
     def app(self):
         from aiohttp import web
 
         @web.middleware
-        async def errors(request, handler):
-            return await self._errors(request, handler)
+        async def middleware(request, handler):
+            return await self._middleware(request, handler)
 
-        app = web.Application(middlewares=[errors])
+        app = web.Application(middlewares=[middleware])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/metrics", self.metrics)
+        app.on_response_prepare.append(self._cors_headers)
         app.on_cleanup.append(self._cleanup)
         return app
 
@@ -329,10 +93,36 @@ class OpenAIServer:
 
         return web.json_response(err.body(), status=err.status)
 
-    async def _errors(self, request, handler):
-        """Middleware: every failure leaves as OpenAI's error JSON with its status."""
+    def _origin_allowed(self, origin: str | None) -> bool:
+        return bool(origin) and ("*" in self.allowed_origins or origin in self.allowed_origins)
+
+    async def _cors_headers(self, request, response) -> None:
+        """Every response (streams too: this runs before the headers leave) gets CORS headers."""
+        origin = request.headers.get("Origin")
+        if self._origin_allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = (
+                "*" if "*" in self.allowed_origins else origin)
+            if "*" not in self.allowed_origins:
+                response.headers["Vary"] = "Origin"
+
+    async def _middleware(self, request, handler):
+        """CORS preflight, the API key, then every failure as OpenAI's error JSON."""
         from aiohttp import web
 
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            if not self._origin_allowed(request.headers.get("Origin")):
+                return web.Response(status=403, text="origin not allowed")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type"),
+                "Access-Control-Max-Age": "600"})
+        if self.api_key and request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return self._json_error(OpenAIError(
+                    401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    type_="authentication_error", code="invalid_api_key"))
         try:
             return await handler(request)
         except OpenAIError as e:
@@ -351,13 +141,17 @@ class OpenAIServer:
             logger.exception("internal error")
             return self._json_error(OpenAIError(500, f"internal error: {e}", type_="server_error"))
 
-    async def _body(self, request) -> dict:
+    async def _json(self, request) -> dict:
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            raise OpenAIError(400, "the request body is not valid JSON") from None
+            raise bad_request("the request body is not valid JSON") from None
         if not isinstance(body, dict):
-            raise OpenAIError(400, "the request body must be a JSON object")
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    async def _body(self, request) -> dict:
+        body = await self._json(request)
         model = body.get("model")
         if model is not None and model != self.served_model_name:
             raise OpenAIError(404, f"the model '{model}' does not exist; this server serves "
@@ -365,7 +159,7 @@ class OpenAIServer:
                               param="model", code="model_not_found")
         return body
 
-    async def _chat_template(self) -> ChatTemplate:
+    async def _tokenizer(self) -> ChatTemplate:
         async with self._template_lock:
             if self._template is None:
                 tokenizer_dir = self._tokenizer_dir or await find_tokenizer_dir(self.client)
@@ -376,7 +170,7 @@ class OpenAIServer:
                     self._template = await asyncio.get_running_loop().run_in_executor(
                         None, ChatTemplate, tokenizer_dir)
                 except (OSError, ValueError) as e:
-                    raise OpenAIError(500, f"cannot load the chat template: {e}",
+                    raise OpenAIError(500, f"cannot load the tokenizer: {e}",
                                       type_="server_error") from None
             return self._template
 
@@ -407,38 +201,127 @@ class OpenAIServer:
                               type_="not_found_error", param="model", code="model_not_found")
         return web.json_response(self._model_card())
 
+    async def tokenize(self, request):
+        """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} -> {"count", "tokens"}."""
+        from aiohttp import web
+
+        body = await self._body(request)
+        tok = await self._tokenizer()
+        if "messages" in body:
+            text = tok(proto.chat_messages(body))
+        elif isinstance(body.get("prompt"), str):
+            text = body["prompt"]
+        else:
+            raise bad_request("give 'prompt' (a string) or 'messages'", param="prompt")
+        tokens = tok.encode(text)
+        return web.json_response({"count": len(tokens), "tokens": tokens})
+
+    async def detokenize(self, request):
+        from aiohttp import web
+
+        body = await self._body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad_request("'tokens' must be a list of token ids", param="tokens")
+        tok = await self._tokenizer()
+        return web.json_response({"prompt": tok.decode(tokens)})
+
+    async def metrics(self, request):
+        from aiohttp import web
+
+        if not self.metrics_url:
+            raise OpenAIError(404, "no metrics endpoint: start the front door with --metrics-url",
+                              type_="not_found_error")
+        from paged_triton.client.metrics import fetch_metrics
+
+        text = await asyncio.get_running_loop().run_in_executor(None, fetch_metrics,
+                                                                self.metrics_url)
+        return web.Response(text=text, content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
     async def completions(self, request):
-        plan = plan_completion(await self._body(request))
-        return await self._respond(request, plan, chat=False)
+        body = await self._body(request)
+        decode = None
+        prompt = body.get("prompt")
+        token_ids = isinstance(prompt, list) and any(not isinstance(p, str) for p in prompt)
+        if body.get("echo") and (token_ids or body.get("logprobs") is not None):
+            # Echoed token-id prompts, and the first prompt token's text, are decoded here.
+            decode = (await self._tokenizer()).decode
+        plan = plan_completion(body, decode=decode)
+        return await self._respond(request, plan, chat=False, decode=decode)
 
     async def chat_completions(self, request):
         body = await self._body(request)
-        template = await self._chat_template()
+        template = await self._tokenizer()
         plan = plan_chat(body, template)
         return await self._respond(request, plan, chat=True)
 
-    # -- generation --------------------------------------------------------------------------
-    async def _respond(self, request, plan: GenerationPlan, chat: bool):
+    # -- answers -----------------------------------------------------------------------------
+    @staticmethod
+    def _completion_logprobs(plan: GenerationPlan, logprobs, prompt_logprobs, decode) -> dict:
+        entries = []
+        if plan.echo and prompt_logprobs:
+            entries.extend(prompt_logprobs)
+        entries.extend(logprobs or [])
+        return proto.completion_logprobs(entries, plan.logprobs,
+                                         decode=(lambda t: decode([t])) if decode else None)
+
+    @staticmethod
+    def _chat_message(plan: GenerationPlan, text: str, finish_reason: str | None):
+        """(message, finish_reason) with tool calls parsed out of the text."""
+        tools = plan.tools
+        if tools is None or not tools.shown and not tools.forced:
+            return {"role": "assistant", "content": text}, finish_reason
+        parsed = (tool_calls.parse_forced(text, tools) if tools.forced
+                  else tool_calls.parse_hermes(text))
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if parsed.tool_calls:
+            message["tool_calls"] = parsed.tool_calls
+            finish_reason = _tool_finish_reason(tools, finish_reason)
+        return message, finish_reason
+
+    async def _respond(self, request, plan: GenerationPlan, chat: bool, decode=None):
+        from aiohttp import web
+
+        await self._warn_if_not_the_engine()
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if plan.stream:
-            return await self._stream(request, plan, chat, request_id, created)
+            return await self._stream(request, plan, chat, request_id, created, decode)
         completions = await self._generate_all(plan)
         choices = []
         for i, c in enumerate(completions):
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": None, "finish_reason": _finish_reason(c.finish_reason)})
+                message, reason = self._chat_message(plan, c.text, c.finish_reason)
+                logprobs = (proto.chat_logprobs(c.logprobs or [], plan.logprobs)
+                            if plan.logprobs is not None else None)
+                choices.append({"index": i, "message": message, "logprobs": logprobs,
+                                "finish_reason": reason})
             else:
-                choices.append({"index": i, "text": plan.echo_prompts[i] + c.text, "logprobs": None,
-                                "finish_reason": _finish_reason(c.finish_reason)})
-        from aiohttp import web
-
+                logprobs = None
+                if plan.logprobs is not None:
+                    logprobs = self._completion_logprobs(plan, c.logprobs, c.prompt_logprobs,
+                                                         decode)
+                choices.append({"index": i, "text": plan.echo_prompts[i] + c.text,
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
         return web.json_response({
             "id": request_id, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": self.served_model_name, "choices": choices,
-            "usage": _usage(completions, plan),
+            "usage": proto.usage(completions, plan.choices_per_prompt),
         })
+
+    async def _warn_if_not_the_engine(self) -> None:
+        """The ensemble reports no token counts or finish reasons and takes no logprobs or
+        structured outputs: say so once, in the log (requests still go through)."""
+        if self._kind_checked or not hasattr(self.client, "model_info"):
+            return
+        self._kind_checked = True
+        info = await self.client.model_info()
+        if info.kind != "vllm":
+            logger.warning("model %r is not the engine model: usage will be 0, finish_reason "
+                           "missing, logprobs and structured outputs refused; start the front "
+                           "door with --model paged_llm", info.name)
 
     async def _generate_all(self, plan: GenerationPlan):
         tasks = [asyncio.ensure_future(self.client.generate(p, **s))
@@ -449,7 +332,8 @@ class OpenAIServer:
             for t in tasks:  # one failed (or we were cancelled): cancel the others' requests
                 t.cancel()
 
-    async def _stream(self, request, plan: GenerationPlan, chat: bool, request_id: str, created: int):
+    async def _stream(self, request, plan: GenerationPlan, chat: bool, request_id: str,
+                      created: int, decode=None):
         from aiohttp import web
 
         streams = [self.client.stream_chunks(p, **s) for p, s in zip(plan.prompts, plan.sampling)]
@@ -471,30 +355,8 @@ class OpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
-        object_name = "chat.completion.chunk" if chat else "text_completion"
-
-        async def send(payload: dict | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            await response.write(f"data: {data}\n\n".encode())
-
-        def chunk(index: int, text: str | None, finish_reason: str | None, role: bool = False) -> dict:
-            if chat:
-                delta: dict[str, Any] = {}
-                if role:
-                    delta = {"role": "assistant", "content": ""}
-                elif text is not None:
-                    delta = {"content": text}
-                choice = {"index": index, "delta": delta, "logprobs": None,
-                          "finish_reason": finish_reason}
-            else:
-                choice = {"index": index, "text": text or "", "logprobs": None,
-                          "finish_reason": finish_reason}
-            out = {"id": request_id, "object": object_name, "created": created,
-                   "model": self.served_model_name, "choices": [choice]}
-            if plan.include_usage:
-                out["usage"] = None
-            return out
-
+        writer = _ChunkWriter(response, plan, chat, request_id, created, self.served_model_name)
+        choices = [_StreamedChoice(i, plan, chat, decode) for i in range(len(streams))]
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream) -> None:
@@ -509,33 +371,27 @@ class OpenAIServer:
             except ClientError as e:
                 await queue.put((index, None, e))
 
-        for i in range(len(streams)):
-            if chat:
-                await send(chunk(i, None, None, role=True))
-            elif plan.echo_prompts[i]:
-                await send(chunk(i, plan.echo_prompts[i], None))
+        for choice in choices:
+            await writer.send_all(choice.start())
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
         try:
             remaining = len(streams)
             while remaining:
                 index, c, error = await queue.get()
                 if error is not None:
-                    await send(error_from_client(error).body())
+                    await writer.send(error_from_client(error).body())
                     break
                 if c is None:
                     remaining -= 1
-                    completion = streams[index].completion
-                    await send(chunk(index, "" if not chat else None,
-                                     _finish_reason(completion.finish_reason) or "stop"))
+                    await writer.send_all(choices[index].finish(streams[index].completion))
                     continue
-                if c.text:
-                    await send(chunk(index, c.text, None))
+                await writer.send_all(choices[index].delta(c))
             else:
                 if plan.include_usage:
-                    await send({"id": request_id, "object": object_name, "created": created,
-                                "model": self.served_model_name, "choices": [],
-                                "usage": _usage([s.completion for s in streams], plan)})
-            await send("[DONE]")
+                    await writer.send(writer.envelope(
+                        [], usage=proto.usage([s.completion for s in streams],
+                                              plan.choices_per_prompt)))
+            await writer.send("[DONE]")
         finally:  # also when the client went away: cancel the Triton requests still running
             for t in tasks:
                 t.cancel()
@@ -545,36 +401,144 @@ class OpenAIServer:
         return response
 
 
-def _usage(completions, plan: GenerationPlan) -> dict[str, int]:
-    # Prompt tokens count once per prompt: its n choices share it (OpenAI counts it once).
-    prompt_tokens = sum(c.num_input_tokens or 0 for i, c in enumerate(completions)
-                        if i % plan.choices_per_prompt == 0)
-    completion_tokens = sum(c.num_output_tokens or 0 for c in completions)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _tool_finish_reason(tools, finish_reason: str | None) -> str | None:
+    # OpenAI answers a forced named call with "stop"; calls the model chose (auto) or had to
+    # make (required) end with "tool_calls". A cut-off output stays "length".
+    if finish_reason == "length" or tools.choice == "named":
+        return finish_reason
+    return "tool_calls"
+
+
+class _ChunkWriter:
+    """Frames streamed chunks as Server-Sent Events."""
+
+    def __init__(self, response, plan: GenerationPlan, chat: bool, request_id: str, created: int,
+                 model: str):
+        self._response, self._plan, self._chat = response, plan, chat
+        self._head = {"id": request_id,
+                      "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": created, "model": model}
+
+    def envelope(self, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {**self._head, "choices": choices}
+        if self._plan.include_usage:
+            out["usage"] = usage
+        return out
+
+    async def send(self, payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        await self._response.write(f"data: {data}\n\n".encode())
+
+    async def send_all(self, choices: list[dict]) -> None:
+        for choice in choices:
+            await self.send(self.envelope([choice]))
+
+
+class _StreamedChoice:
+    """One choice of a stream: turns its engine chunks into OpenAI chunk choices."""
+
+    def __init__(self, index: int, plan: GenerationPlan, chat: bool, decode):
+        self.index, self.plan, self.chat, self.decode = index, plan, chat, decode
+        tools = plan.tools
+        self.splitter = (tool_calls.StreamSplitter(tools)
+                         if chat and tools is not None and (tools.shown or tools.forced) else None)
+        self.offset = 0  # completions: text offset of the next token
+        self.echoed = not plan.echo_prompts or not plan.echo_prompts[index]
+
+    def _choice(self, text: str | None = None, *, logprobs=None, finish_reason=None,
+                role: bool = False, tool_calls_delta: list | None = None) -> dict:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif tool_calls_delta:
+                delta = {"tool_calls": tool_calls_delta}
+            elif text is not None:
+                delta = {"content": text}
+            return {"index": self.index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": self.index, "text": text or "", "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def start(self) -> list[dict]:
+        return [self._choice(role=True)] if self.chat else []
+
+    def _completion_logprobs(self, entries: list, text: str) -> dict:
+        lp = proto.completion_logprobs(entries, self.plan.logprobs, text_offset=self.offset,
+                                       decode=(lambda t: self.decode([t])) if self.decode else None)
+        self.offset += len(text)
+        return lp
+
+    def delta(self, c) -> list[dict]:
+        out = []
+        if not self.chat and not self.echoed:
+            self.echoed = True
+            echo = self.plan.echo_prompts[self.index]
+            lp = None
+            if self.plan.logprobs is not None:
+                lp = proto.completion_logprobs(
+                    c.prompt_logprobs or [], self.plan.logprobs, text_offset=0,
+                    decode=(lambda t: self.decode([t])) if self.decode else None)
+            self.offset = len(echo)
+            out.append(self._choice(echo, logprobs=lp))
+        wants_logprobs = self.plan.logprobs is not None and c.logprobs
+        if not c.text and not wants_logprobs:
+            return out
+        if self.chat:
+            text = c.text
+            if self.splitter is not None:
+                text = self.splitter.feed(c.text)
+                if not text:
+                    return out
+            lp = proto.chat_logprobs(c.logprobs, self.plan.logprobs) if wants_logprobs else None
+            out.append(self._choice(text, logprobs=lp))
+        else:
+            lp = self._completion_logprobs(c.logprobs, c.text) if wants_logprobs else None
+            if not wants_logprobs:
+                self.offset += len(c.text)
+            out.append(self._choice(c.text, logprobs=lp))
+        return out
+
+    def finish(self, completion) -> list[dict]:
+        reason = completion.finish_reason or "stop"
+        out = []
+        if self.splitter is not None:
+            parsed = self.splitter.finish()
+            if parsed.content:
+                out.append(self._choice(parsed.content))
+            if parsed.tool_calls:
+                out.append(self._choice(tool_calls_delta=[
+                    {"index": k, **call} for k, call in enumerate(parsed.tool_calls)]))
+                reason = _tool_finish_reason(self.plan.tools, reason)
+        out.append(self._choice(None if self.chat else "", finish_reason=reason))
+        return out
 
 
 def make_app(triton_url: str | None = None, protocol: str = "grpc", model: str = "paged_llm",
-             served_model_name: str | None = None, tokenizer: str | None = None):
+             served_model_name: str | None = None, tokenizer: str | None = None,
+             api_key: str | None = None, metrics_url: str | None = None,
+             allowed_origins: tuple[str, ...] = ("*",)):
     """The aiohttp application (for `aiohttp.web.run_app` or an AppRunner)."""
-    from client.async_client import AsyncClient
+    from paged_triton.client.async_client import AsyncClient
 
     client = AsyncClient(triton_url, protocol=protocol, model=model)
-    return OpenAIServer(client, served_model_name, tokenizer).app()
+    return OpenAIServer(client, served_model_name, tokenizer, api_key=api_key,
+                        metrics_url=metrics_url, allowed_origins=allowed_origins).app()
 
 
-def serve(host: str = "127.0.0.1", port: int = 9000, triton_url: str | None = None,
-          protocol: str = "grpc", model: str = "paged_llm", served_model_name: str | None = None,
-          tokenizer: str | None = None) -> None:
-    """Run the front door until interrupted."""
+def serve(host: str = "127.0.0.1", port: int = 9000, log_requests: bool = True,
+          **app_kwargs) -> None:
+    """Run the front door until interrupted (app_kwargs: as make_app's; log_requests: an
+    access-log line per request)."""
     from aiohttp import web
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    app = make_app(triton_url, protocol, model, served_model_name, tokenizer)
+    app = make_app(**app_kwargs)
+    extra = {} if log_requests else {"access_log": None}
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
     # Triton requests (aiohttp >= 3.9 leaves handlers running by default).
     web.run_app(app, host=host, port=port, handler_cancellation=True,
-                print=lambda msg: logger.info("%s", msg))
+                print=lambda msg: logger.info("%s", msg), **extra)
 
 
 class ServerThread:
@@ -644,6 +608,6 @@ class ServerThread:
 if __name__ == "__main__":
     import sys
 
-    from client.cli import main
+    from paged_triton.client.cli import main
 
     sys.exit(main(["openai", *sys.argv[1:]]))

@@ -6,7 +6,10 @@ Two kinds of Triton model speak different tensor names (see /work/shared/INTERFA
   string, ``sampling_parameters``; opt-in outputs (finish reason, token counts, logprobs) are asked
   for with ``return_*`` booleans.
 * ``"trtllm"``: the ensemble front door, TensorRT-LLM style: one typed tensor per sampling field
-  (``max_tokens`` INT32, ``temperature`` FP32, ``stop_words`` STRING [-1], ...).
+  (``max_tokens`` INT32, ``temperature`` FP32, ``stop_words`` STRING [-1], ...), with a batch
+  dimension (``max_batch_size > 0``). TensorRT-LLM decodes greedily unless top_k or top_p is set,
+  so a vLLM-style ``temperature > 0`` alone is sent with ``top_p = 1`` (sample the whole
+  distribution, as vLLM would).
 
 This module is transport-free: it turns a prompt and sampling keywords into a list of
 `TensorValue` (for gRPC) or a JSON body (for HTTP generate), and turns a response's outputs, as
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import InvalidArgument
+from paged_triton.client.errors import InvalidArgument
 
 VLLM = "vllm"
 TRTLLM = "trtllm"
@@ -34,6 +37,7 @@ VLLM_SAMPLING_KEYS = (
     "n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "logprobs", "skip_special_tokens", "bad_words",
+    "prompt_logprobs", "logit_bias", "structured_outputs",
 )
 
 
@@ -49,6 +53,7 @@ class InputSpec:
 # or a caller that passes `model_kind` and `inputs` itself).
 VLLM_INPUTS: dict[str, InputSpec] = {
     "text_input": InputSpec("BYTES", (1,)),
+    "input_ids": InputSpec("INT32", (-1,)),
     "stream": InputSpec("BOOL", (1,)),
     "sampling_parameters": InputSpec("BYTES", (1,)),
     "exclude_input_in_output": InputSpec("BOOL", (1,)),
@@ -79,6 +84,18 @@ TRTLLM_INPUTS: dict[str, InputSpec] = {
 }
 # Sampling keyword -> ensemble input name, where they differ.
 TRTLLM_RENAMES = {"stop": "stop_words", "logprobs": "return_log_probs"}
+# The ensemble's max_batch_size (its inputs then take a leading batch dimension of 1).
+TRTLLM_MAX_BATCH_SIZE = 64
+
+
+def _trtllm_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """vLLM-style keywords in TensorRT-LLM's terms: there, decoding is greedy unless top_k or
+    top_p is set, so temperature > 0 alone gets top_p = 1 (the whole distribution)."""
+    temperature = sampling.get("temperature")
+    if (temperature is not None and float(temperature) > 0 and sampling.get("top_k") is None
+            and sampling.get("top_p") is None):
+        sampling = {**sampling, "top_p": 1.0}
+    return sampling
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,9 @@ class ModelInfo:
     @classmethod
     def default(cls, name: str, kind: str | None = None) -> "ModelInfo":
         kind = kind or guess_kind(name)
-        return cls(name, kind, dict(VLLM_INPUTS if kind == VLLM else TRTLLM_INPUTS), 0)
+        if kind == VLLM:
+            return cls(name, kind, dict(VLLM_INPUTS), 0)
+        return cls(name, kind, dict(TRTLLM_INPUTS), TRTLLM_MAX_BATCH_SIZE)
 
     @classmethod
     def from_config(cls, config: dict, kind: str | None = None) -> "ModelInfo":
@@ -110,7 +129,8 @@ class ModelInfo:
 
 
 def guess_kind(model_name: str) -> str:
-    return TRTLLM if "ensemble" in model_name.lower() else VLLM
+    name = model_name.lower()
+    return TRTLLM if "ensemble" in name or "tensorrt_llm" in name else VLLM
 
 
 def _config_type_to_datatype(config_type: str) -> str:
@@ -169,12 +189,23 @@ def _coerce(name: str, value: Any, datatype: str) -> list[Any]:
     return values
 
 
-def build_inputs(model: ModelInfo, prompt: str, stream: bool, sampling: dict[str, Any]) -> list[TensorValue]:
+def _prompt_input(prompt: "str | list[int]") -> tuple[str, Any]:
+    """(input name, value): text goes as text_input, a list of token ids as input_ids."""
+    if isinstance(prompt, str):
+        return "text_input", prompt
+    if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return "input_ids", list(prompt)
+    raise InvalidArgument("the prompt must be a string or a list of token ids")
+
+
+def build_inputs(model: ModelInfo, prompt: "str | list[int]", stream: bool,
+                 sampling: dict[str, Any]) -> list[TensorValue]:
     """The request's input tensors for the gRPC protocol.
 
     Args:
         model: the model's kind and declared inputs.
-        prompt: the prompt text.
+        prompt: the prompt text, or its token ids (sent as `input_ids`).
         stream: whether the server should stream deltas.
         sampling: sampling keywords (max_tokens=..., temperature=..., stop=[...], ...); None values
             are dropped.
@@ -183,14 +214,15 @@ def build_inputs(model: ModelInfo, prompt: str, stream: bool, sampling: dict[str
     """
     sampling = {k: v for k, v in sampling.items() if v is not None}
     # Required inputs fail loudly when the model lacks them; optional flags are left out.
-    required: dict[str, Any] = {"text_input": prompt}
+    prompt_name, prompt_value = _prompt_input(prompt)
+    required: dict[str, Any] = {prompt_name: prompt_value}
     optional: dict[str, Any] = {"stream": stream, "exclude_input_in_output": True}
     if model.kind == VLLM:
         if sampling:
             required["sampling_parameters"] = json.dumps(sampling)
         optional.update(_vllm_return_flags(sampling))
     else:
-        for key, value in sampling.items():
+        for key, value in _trtllm_sampling(sampling).items():
             required[TRTLLM_RENAMES.get(key, key)] = value
     tensors = []
     for name, value in [*required.items(), *optional.items()]:
@@ -218,7 +250,8 @@ def build_http_body(model: ModelInfo, prompt: str, stream: bool, sampling: dict[
     so lists (stop, stop_token_ids) travel as JSON strings ("values may be strings").
     """
     sampling = {k: v for k, v in sampling.items() if v is not None}
-    body: dict[str, Any] = {"text_input": prompt, "stream": stream}
+    prompt_name, prompt_value = _prompt_input(prompt)
+    body: dict[str, Any] = {prompt_name: prompt_value, "stream": stream}
     if model.kind == VLLM:
         body["exclude_input_in_output"] = True
         for key, value in _vllm_return_flags(sampling).items():
@@ -231,7 +264,7 @@ def build_http_body(model: ModelInfo, prompt: str, stream: bool, sampling: dict[
     else:
         if "exclude_input_in_output" in model.inputs:
             body["exclude_input_in_output"] = True
-        for key, value in sampling.items():
+        for key, value in _trtllm_sampling(sampling).items():
             name = TRTLLM_RENAMES.get(key, key)
             if name not in model.inputs:
                 raise InvalidArgument(
@@ -266,6 +299,7 @@ class Chunk:
     num_output_tokens: int | None = None
     cumulative_logprob: float | None = None
     logprobs: list | None = None
+    prompt_logprobs: list | None = None  # per prompt token (None first), on the first response
 
 
 def _first(value: Any) -> Any:
@@ -309,6 +343,13 @@ def parse_outputs(outputs: dict[str, Any]) -> Chunk:
             chunk.logprobs = parsed if isinstance(parsed, list) else [parsed]
         except ValueError:
             chunk.logprobs = None
+    plp = _text(outputs.get("prompt_logprobs"))
+    if plp:
+        try:
+            parsed = json.loads(plp)
+            chunk.prompt_logprobs = parsed if isinstance(parsed, list) else None
+        except ValueError:
+            chunk.prompt_logprobs = None
     return chunk
 
 
@@ -322,6 +363,7 @@ class Completion:
         num_input_tokens: prompt tokens, when the model reports them.
         num_output_tokens: generated tokens (sum of the per-response increments), when reported.
         cumulative_logprob, logprobs: when asked for with `logprobs=N`.
+        prompt_logprobs: when asked for with `prompt_logprobs=N` (None for the first token).
         num_responses: how many responses the server sent.
         ttft_s: seconds from sending to the first non-empty text (or first response).
         latency_s: seconds from sending to the final response.
@@ -333,6 +375,7 @@ class Completion:
     num_output_tokens: int | None = None
     cumulative_logprob: float | None = None
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
     num_responses: int = 0
     ttft_s: float | None = None
     latency_s: float | None = None
@@ -377,6 +420,8 @@ class CompletionBuilder:
             if c.logprobs is None:
                 c.logprobs = []
             c.logprobs.extend(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            c.prompt_logprobs = chunk.prompt_logprobs
 
     def finish(self) -> Completion:
         """Stamp the end time (the final response, or the moment the stream was closed)."""

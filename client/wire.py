@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from client.errors import ClientError, error_from_http, error_from_message
-from client.protocol import Chunk, ModelInfo, TensorValue, parse_outputs
+from paged_triton.client.errors import ClientError, error_from_http, error_from_message
+from paged_triton.client.protocol import Chunk, ModelInfo, TensorValue, parse_outputs
 
 GRPC_METADATA = (("triton_grpc_error", "true"),)
 GRPC_CHANNEL_OPTIONS = [
@@ -86,7 +86,7 @@ def grpc_parse_response(response, url: str | None = None) -> tuple[Chunk | None,
 
 def grpc_error(rpc_error, url: str) -> ClientError:
     """A typed error from a `grpc.RpcError` (sync or aio)."""
-    from client.errors import error_from_grpc
+    from paged_triton.client.errors import error_from_grpc
 
     code = rpc_error.code()
     name = code.name if code is not None else "UNKNOWN"

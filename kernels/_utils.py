@@ -13,8 +13,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
@@ -108,6 +111,32 @@ def check_paged_attention(
     check_dtype(op, "context_lens", context_lens, (torch.int32,))
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"{op}: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+# -- shared by the attention kernels --------------------------------------------------------------
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (saturates to +-1 for large |x|; abs error ~1e-7 near 0)."""
+    return 1.0 - 2.0 / (tl.exp2(tl.minimum(x * 2.8853900817779268, 126.0)) + 1.0)  # 2 * log2(e)
+
+
+def score_scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """(qk_scale, cap_log2) for the attention kernels: scores in the log2 domain are
+    ``qk * qk_scale`` without soft-capping and ``tanh(qk * qk_scale) * cap_log2`` with it."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    return scale / softcap, softcap * LOG2E
+
+
+def check_window_softcap(op: str, sliding_window: int | None, softcap: float | None) -> None:
+    """A sliding window is a positive int (keys per query, its own included); a soft cap is > 0."""
+    if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)
+                                       or sliding_window < 1):
+        raise ValueError(f"{op}: sliding_window must be a positive integer or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{op}: softcap must be > 0 or None, got {softcap!r}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

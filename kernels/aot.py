@@ -8,9 +8,13 @@ compiler (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, with the ptxas the triton wh
 target, without a driver:
 
 1. The launchers are called on CPU tensors with the shapes of real models (Qwen3-0.6B, Llama-3-8B,
-   Qwen2-0.5B for head_dim 64 and a group of 7; bf16, fp16, fp32; block_size 16) over a sweep of
-   batch sizes, context lengths and chunk lengths, as the engine calls them. Each launch is
-   recorded instead of run.
+   Qwen2-0.5B for head_dim 64 and a group of 7; Gemma-2-2B and Gemma-3-1B for head_dim 256,
+   sliding-window and full layers, soft caps, Gemma's norm and gelu-tanh; Phi-3-mini-4k for
+   head_dim 96, partial rotary (Phi-4-mini style) and a window on every layer; Mixtral-8x7B and
+   Qwen3-30B-A3B for the fused MoE kernel; bf16, fp16, fp32; block_size 16) over a sweep of batch
+   sizes, context lengths and chunk lengths, as the engine calls them; the dequant-GEMM of every
+   linear layer too, for each integer layout the loader produces (``QUANT_SCHEMES``). Each launch
+   is recorded instead of run.
 2. Each recorded launch goes through Triton's own argument binder for the target, which computes
    the specialisation (dtypes, "divisible by 16" and "== 1" integer attributes, constexprs) and
    the compile key exactly as a launch on that GPU would. Distinct keys are distinct compiled
@@ -44,6 +48,11 @@ import torch
 from . import _utils
 
 _ATTENTION_KERNELS = ("_paged_decode_split_kernel", "_paged_prefill_kernel")
+# Kernels whose 16-bit dots must run on tensor cores.
+_TENSOR_CORE_KERNELS = _ATTENTION_KERNELS + ("_fused_moe_gemm_kernel", "_wna16_gemm_kernel")
+# The integer checkpoints' layouts the loader produces: (bits, group size or None per channel,
+# zero points, act-order g_idx).
+QUANT_SCHEMES = ((4, 128, False, False), (4, 128, True, False), (4, 128, True, True), (8, None, False, False))
 BLOCK_SIZE = 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,12 +70,37 @@ class ModelShape:
     hidden: int
     intermediate: int
     qk_norm: bool
+    sliding_window: int | None = None  # the window of the sliding layers
+    full_layers: bool = True  # some layers attend to the whole context
+    softcap: float | None = None  # attention soft cap (Gemma 2)
+    gemma_norm: bool = False  # (1 + w) RMSNorm
+    activation: str = "silu"  # "silu" or "gelu_tanh"
+    rotary_dim: int | None = None  # partial rotary
+    moe: tuple[int, int, int] | None = None  # (experts, top_k, expert intermediate)
+    # dtypes swept (of those asked for); None: all. The later families skip fp16: their checkpoints
+    # are bf16 and fp16 compiles the same 16-bit code (fp32 has its own tile configs).
+    dtypes: tuple[str, ...] | None = None
+
+    def attention_kinds(self) -> list[tuple[int | None, float | None]]:
+        """(sliding_window, softcap) of each kind of attention layer the model has."""
+        kinds = [(None, self.softcap)] if self.full_layers or self.sliding_window is None else []
+        if self.sliding_window is not None:
+            kinds.append((self.sliding_window, self.softcap))
+        return kinds
 
 
 MODELS = (
     ModelShape("Qwen3-0.6B", 16, 8, 128, 1024, 3072, qk_norm=True),
     ModelShape("Llama-3-8B", 32, 8, 128, 4096, 14336, qk_norm=False),
     ModelShape("Qwen2-0.5B", 14, 2, 64, 896, 4864, qk_norm=False),
+    ModelShape("Gemma-2-2B", 8, 4, 256, 2304, 9216, qk_norm=False, sliding_window=4096, softcap=50.0,
+               gemma_norm=True, activation="gelu_tanh", dtypes=("bf16", "fp32")),
+    ModelShape("Gemma-3-1B", 4, 1, 256, 1152, 6912, qk_norm=True, sliding_window=512, gemma_norm=True,
+               activation="gelu_tanh", dtypes=("bf16", "fp32")),
+    ModelShape("Phi-3-mini-4k", 32, 32, 96, 3072, 8192, qk_norm=False, sliding_window=2047, full_layers=False,
+               rotary_dim=72, dtypes=("bf16", "fp32")),
+    ModelShape("Mixtral-8x7B", 32, 8, 128, 4096, 14336, qk_norm=False, moe=(8, 2, 14336), dtypes=("bf16", "fp32")),
+    ModelShape("Qwen3-30B-A3B", 32, 4, 128, 2048, 6144, qk_norm=True, moe=(128, 8, 768), dtypes=("bf16", "fp32")),
 )
 # Decode batch sizes of the sweep: CUDA-graph buckets and odd eager sizes.
 BATCH_SIZES = (1, 2, 3, 5, 8, 13, 16, 31, 64, 100, 256)
@@ -109,7 +143,7 @@ def record_launches(target: _utils.CaptureTarget):
     from triton.runtime.jit import JITFunction
 
     if _utils.interpreting():
-        raise RuntimeError("kernels.aot compiles real kernels: run it without TRITON_INTERPRET=1")
+        raise RuntimeError("paged_triton.kernels.aot compiles real kernels: run it without TRITON_INTERPRET=1")
     launches: list[Launch] = []
     case = [""]
 
@@ -127,15 +161,14 @@ def record_launches(target: _utils.CaptureTarget):
 
 def launch_model_kernels(model: ModelShape, dtype: torch.dtype, batch_sizes, case: list) -> None:
     """Call every launcher as the engine does for one model and dtype over the sweep."""
-    from . import (
-        paged_decode_attention,
-        paged_prefill_attention,
-        rms_norm,
-        rotary_embedding,
-        silu_and_mul,
-        store_kvcache,
-        compute_cos_sin_cache,
-    )
+    from .activation import gelu_tanh_and_mul, silu_and_mul
+    from .fused_moe import fused_moe
+    from .paged_decode_attention import paged_decode_attention
+    from .paged_prefill_attention import paged_prefill_attention
+    from .rms_norm import rms_norm
+    from .rotary_embedding import compute_cos_sin_cache, rotary_embedding
+    from .store_kvcache import store_kvcache
+    from .wna16_gemm import wna16_gemm
 
     tag = f"{model.name} {_dtype_name(dtype)}"
     h, kvh, d = model.num_heads, model.num_kv_heads, model.head_dim
@@ -143,52 +176,81 @@ def launch_model_kernels(model: ModelShape, dtype: torch.dtype, batch_sizes, cas
     num_blocks = max(batch_sizes) * 2 + max_ctx // BLOCK_SIZE + 1
     k_cache = torch.empty(num_blocks, BLOCK_SIZE, kvh, d, dtype=dtype)
     v_cache = torch.empty_like(k_cache)
-    cos_sin = compute_cos_sin_cache(d, 8192, 1e6)
+    cos_sin = compute_cos_sin_cache(d, 8192, 1e6, rotary_dim=model.rotary_dim)
     scale = d**-0.5
     qkv_width = (h + 2 * kvh) * d
+    gemma = model.gemma_norm
+    if model.moe is not None:
+        num_experts, top_k, moe_i = model.moe
+        w13 = torch.empty(num_experts, 2 * moe_i, model.hidden, dtype=dtype)  # never touched: no memory
+        w2 = torch.empty(num_experts, model.hidden, moe_i, dtype=dtype)
 
     def tokens_step(n: int) -> None:
         """The per-layer ops of a step of ``n`` tokens (views of a fused qkv, like the model)."""
         case[0] = f"{tag} tokens={n}"
         x = torch.empty(n, model.hidden, dtype=dtype)
         weight = torch.empty(model.hidden, dtype=dtype)
-        rms_norm(x, weight, 1e-6)
-        rms_norm(x, weight, 1e-6, residual=torch.empty_like(x))
+        rms_norm(x, weight, 1e-6, unit_offset=gemma)
+        rms_norm(x, weight, 1e-6, residual=torch.empty_like(x), unit_offset=gemma)
         qkv = torch.empty(n, qkv_width, dtype=dtype)
         q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
         if model.qk_norm:
-            rms_norm(q.reshape(-1, d), torch.empty(d, dtype=dtype), 1e-6)
+            rms_norm(q.reshape(-1, d), torch.empty(d, dtype=dtype), 1e-6, unit_offset=gemma)
         q3, k3, v3 = q.view(n, h, d), k.view(n, kvh, d), v.view(n, kvh, d)
         rotary_embedding(torch.zeros(n, dtype=torch.int64), q3, k3, cos_sin)
         store_kvcache(k3, v3, k_cache, v_cache, torch.zeros(n, dtype=torch.int64))
-        silu_and_mul(torch.empty(n, 2 * model.intermediate, dtype=dtype))
+        if model.moe is not None:
+            ids = torch.zeros(n, top_k, dtype=torch.int64)  # any valid experts: only shapes matter
+            fused_moe(x, w13, w2, torch.empty(n, top_k, dtype=torch.float32), ids)
+        else:
+            act = gelu_tanh_and_mul if model.activation == "gelu_tanh" else silu_and_mul
+            act(torch.empty(n, 2 * model.intermediate, dtype=dtype))
 
-    for n in sorted(set(batch_sizes) | {1, 7, 300, 4096}):
+    def quantized_linears(n: int) -> None:
+        """The dequant-GEMM of every linear layer of a quantized model for a step of ``n`` tokens."""
+        layers = {"qkv": (model.hidden, qkv_width), "o": (h * d, model.hidden),
+                  "gate_up": (model.hidden, 2 * model.intermediate), "down": (model.intermediate, model.hidden)}
+        for bits, group, zeros, act_order in QUANT_SCHEMES:
+            for layer, (k, n_out) in layers.items():
+                case[0] = f"{tag} wna16 w{bits} g{group} zeros={zeros} act_order={act_order} {layer} tokens={n}"
+                group_size = group or k
+                groups = -(-k // group_size)
+                wna16_gemm(torch.empty(n, k, dtype=dtype), torch.empty(k * bits // 32, n_out, dtype=torch.int32),
+                           torch.empty(groups, n_out, dtype=dtype),
+                           torch.empty(groups, n_out, dtype=torch.uint8) if zeros else None,
+                           torch.empty(k, dtype=torch.int32) if act_order else None, bits, group_size)
+
+    # 33 stands for the middle tile bucket of the dequant-GEMM (17..64 rows) in the batch-1 sweep.
+    for n in sorted(set(batch_sizes) | {1, 7, 33, 300, 4096}):
         tokens_step(n)
+        quantized_linears(n)
 
-    for bs in batch_sizes:
-        for ctx in CONTEXT_LENS:
-            width = -(-ctx // BLOCK_SIZE)
-            for table_width in (width, max_ctx // BLOCK_SIZE):  # eager, and the CUDA graphs' static width
-                case[0] = f"{tag} decode batch={bs} context={ctx} table_width={table_width}"
-                q = torch.empty(bs, qkv_width, dtype=dtype)[:, : h * d].view(bs, h, d)
-                tables = torch.zeros(bs, table_width, dtype=torch.int32)
-                lens = torch.full((bs,), ctx, dtype=torch.int32)
-                out = torch.empty(bs, h, d, dtype=dtype)
-                paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out[:bs])
+    for window, softcap in model.attention_kinds():
+        attn_tag = f"{tag}{f' window={window}' if window else ''}{f' softcap={softcap}' if softcap else ''}"
+        for bs in batch_sizes:
+            for ctx in CONTEXT_LENS:
+                width = -(-ctx // BLOCK_SIZE)
+                for table_width in (width, max_ctx // BLOCK_SIZE):  # eager, and the CUDA graphs' static width
+                    case[0] = f"{attn_tag} decode batch={bs} context={ctx} table_width={table_width}"
+                    q = torch.empty(bs, qkv_width, dtype=dtype)[:, : h * d].view(bs, h, d)
+                    tables = torch.zeros(bs, table_width, dtype=torch.int32)
+                    lens = torch.full((bs,), ctx, dtype=torch.int32)
+                    out = torch.empty(bs, h, d, dtype=dtype)
+                    paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out[:bs],
+                                           sliding_window=window, softcap=softcap)
 
-    for chunk, prefix in PREFILL_CHUNKS:
-        for num_seqs in (1, 3):
-            case[0] = f"{tag} prefill seqs={num_seqs} chunk={chunk} prefix={prefix}"
-            total = chunk * num_seqs
-            q = torch.empty(total, qkv_width, dtype=dtype)[:, : h * d].view(total, h, d)
-            tables = torch.zeros(num_seqs, -(-(chunk + prefix) // BLOCK_SIZE), dtype=torch.int32)
-            cu = torch.arange(0, total + 1, chunk, dtype=torch.int32)
-            lens = torch.full((num_seqs,), chunk + prefix, dtype=torch.int32)
-            paged_prefill_attention(
-                q, k_cache, v_cache, tables, cu, lens, scale, out=torch.empty(total, h, d, dtype=dtype),
-                max_seqlen_q=chunk,
-            )
+        for chunk, prefix in PREFILL_CHUNKS:
+            for num_seqs in (1, 3):
+                case[0] = f"{attn_tag} prefill seqs={num_seqs} chunk={chunk} prefix={prefix}"
+                total = chunk * num_seqs
+                q = torch.empty(total, qkv_width, dtype=dtype)[:, : h * d].view(total, h, d)
+                tables = torch.zeros(num_seqs, -(-(chunk + prefix) // BLOCK_SIZE), dtype=torch.int32)
+                cu = torch.arange(0, total + 1, chunk, dtype=torch.int32)
+                lens = torch.full((num_seqs,), chunk + prefix, dtype=torch.int32)
+                paged_prefill_attention(
+                    q, k_cache, v_cache, tables, cu, lens, scale, out=torch.empty(total, h, d, dtype=dtype),
+                    max_seqlen_q=chunk, sliding_window=window, softcap=softcap,
+                )
 
 
 def _binder(fn, backend):
@@ -262,8 +324,8 @@ def compile_variant(launch: Launch, packed, target, max_shared: int) -> Variant:
     if v.shared_bytes > max_shared:
         v.problems.append(f"{v.shared_bytes} B shared memory > {max_shared} B per block")
     dtype = next(a.dtype for a in launch.args if isinstance(a, torch.Tensor))  # q's: the model's dtype
-    if v.kernel in _ATTENTION_KERNELS and dtype != torch.float32 and v.mma is None:
-        v.problems.append("16-bit attention dots do not use tensor cores (no mma/wgmma in the PTX)")
+    if v.kernel in _TENSOR_CORE_KERNELS and dtype != torch.float32 and v.mma is None:
+        v.problems.append("16-bit dots do not use tensor cores (no mma/wgmma in the PTX)")
     return v
 
 
@@ -288,6 +350,8 @@ def run(arch: int, num_sms: int, models, dtypes, max_shared: int, jobs: int = 1,
     first: dict[tuple, tuple[Launch, tuple]] = {}
     for model in models:
         for dtype in dtypes:
+            if model.dtypes is not None and _dtype_name(dtype) not in model.dtypes:
+                continue
             for sweep, into in (((BATCH_SIZES[0],), variants_one), (BATCH_SIZES, variants_all)):
                 with record_launches(_utils.CaptureTarget(arch, num_sms)) as (launches, case):
                     launch_model_kernels(model, dtype, sweep, case)

@@ -12,6 +12,10 @@ Design
   ``num_kv_heads`` and ``num_splits``; pass a fixed ``num_splits`` and a preallocated
   :class:`DecodeWorkspace` and a captured launch replays correctly for any context lengths
   (a context length of 0, e.g. a padding slot, gives a zero output and reads nothing).
+- Sliding window (Mistral, Gemma's local layers, Phi-3): the query at position ``p`` sees keys
+  ``p - window < key <= p``; the tiles before the window are never visited (the splits divide the
+  window's tiles) and the first tile masks the keys before it.
+- Soft-capping (Gemma 2): scores become ``cap * tanh(score / cap)`` before the softmax.
 - No recompiles for new batch sizes: batch size and lengths are never kernel arguments
   (they are the grid and tensor contents); ``num_splits``, the block-table width (row stride)
   and the workspace strides are marked ``do_not_specialize``, and
@@ -30,16 +34,18 @@ import triton.language as tl
 from ._utils import (
     cdiv,
     check_dim,
-    check_paged_attention,
     check_kernel_tensors,
+    check_paged_attention,
+    check_window_softcap,
     dot_precision,
     interpreting,
     next_power_of_2,
     num_sms,
+    score_scales,
+    tanh,
 )
 
 _OP = "paged_decode_attention"
-_LOG2E = 1.4426950408889634
 # Below this many tokens per split, splitting costs more (partials + merge) than it gains.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 64
@@ -48,7 +54,7 @@ _MERGE_CHUNK = 16  # splits merged per step of the merge kernel's loop
 
 # Arguments that change with the batch (split count, block-table width, workspace strides) are not
 # specialised, so Triton's "== 1" / "divisible by 16" specialisation cannot add variants.
-@triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_ps", "stride_ph", "stride_ls", "stride_lh"])
+@triton.jit(do_not_specialize=["num_splits", "window", "stride_bt", "stride_ps", "stride_ph", "stride_ls", "stride_lh"])
 def _paged_decode_split_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -58,7 +64,9 @@ def _paged_decode_split_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]; written when SINGLE_SPLIT
     partial_out_ptr,  # [>= num_seqs, num_heads, >= num_splits, head_dim] fp32; written unless SINGLE_SPLIT
     partial_lse_ptr,  # [>= num_seqs, num_heads, >= num_splits] fp32 (log2 domain); unless SINGLE_SPLIT
-    scale_log2,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e); softmax scale / cap with SOFTCAP
+    cap_log2,  # soft cap * log2(e) (SOFTCAP only)
+    window,  # keys per query in the sliding window (SLIDING only)
     num_splits,
     stride_qs,
     stride_qh,
@@ -83,6 +91,8 @@ def _paged_decode_split_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of 2
     BLOCK_N: tl.constexpr,  # keys per tile
     SINGLE_SPLIT: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -91,8 +101,14 @@ def _paged_decode_split_kernel(
 
     context_len = tl.load(context_lens_ptr + seq)
     num_tiles = tl.cdiv(context_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_start = split * tiles_per_split
+    if SLIDING:  # the query sits at context_len - 1 and sees the last `window` keys
+        first_key = tl.maximum(context_len - window, 0)
+        first_tile = first_key // BLOCK_N
+    else:
+        first_key = 0
+        first_tile = 0
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_start = first_tile + split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -117,6 +133,8 @@ def _paged_decode_split_kernel(
     for tile in range(tile_start, tile_end):
         tokens = tile * BLOCK_N + offs_n
         t_mask = tokens < context_len
+        if SLIDING:
+            t_mask = t_mask & (tokens >= first_key)
         blocks = tl.load(block_table_row + tokens // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
         slots = tokens % BLOCK_SIZE
         kv_mask = t_mask[:, None] & d_mask[None, :]
@@ -125,7 +143,11 @@ def _paged_decode_split_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        if SOFTCAP:
+            scores = tanh(qk * qk_scale) * cap_log2
+        else:
+            scores = qk * qk_scale
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -263,6 +285,8 @@ def paged_decode_attention(
     num_splits: int | None = None,
     *,
     workspace: DecodeWorkspace | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged K/V.
 
@@ -278,10 +302,14 @@ def paged_decode_attention(
             the SM count (:func:`choose_num_splits`). Pass a fixed value under CUDA graphs.
         workspace: preallocated partial buffers for ``num_splits > 1`` (needed for graph capture);
             must cover ``num_seqs`` rows, ``num_heads`` and ``num_splits``.
+        sliding_window: attend to the last ``sliding_window`` keys only (the query's own included),
+            as transformers' ``sliding_window``; None: the whole context.
+        softcap: soft-cap the scaled scores at ``softcap`` (``cap * tanh(s / cap)``); None: off.
     Returns:
         ``out``.
     """
     _check(q, k_cache, v_cache, block_tables, context_lens, out)
+    check_window_softcap(_OP, sliding_window, softcap)
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables}
     tensors["context_lens"] = context_lens
     if out is not None:
@@ -295,7 +323,10 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, device)
+        max_keys = block_tables.shape[1] * block_size
+        if sliding_window is not None:
+            max_keys = min(max_keys, int(sliding_window))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_keys, device)
     num_splits = int(num_splits)
     if num_splits < 1:
         raise ValueError(f"{_OP}: num_splits must be >= 1, got {num_splits}")
@@ -340,6 +371,7 @@ def paged_decode_attention(
     else:
         block_n, num_warps = 64, 4
     grid = (num_seqs, num_kv_heads, num_splits)
+    qk_scale, cap_log2 = score_scales(scale, softcap)
     _paged_decode_split_kernel[grid](
         q,
         k_cache,
@@ -349,7 +381,9 @@ def paged_decode_attention(
         out,
         partial_out,
         partial_lse,
-        scale * _LOG2E,
+        qk_scale,
+        cap_log2,
+        int(sliding_window or 0),
         num_splits,
         q.stride(0),
         q.stride(1),
@@ -374,6 +408,8 @@ def paged_decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         SINGLE_SPLIT=single,
+        SLIDING=sliding_window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=2,
@@ -410,11 +446,14 @@ def paged_decode_attention_ref(
     num_splits: int | None = None,
     *,
     workspace: DecodeWorkspace | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-torch :func:`paged_decode_attention` (same arguments; ``num_splits`` and ``workspace``
     are ignored). Gathers each sequence's K/V through its block table (the whole batch at once,
     padded to the longest context) and takes a masked softmax in fp32."""
     _check(q, k_cache, v_cache, block_tables, context_lens, out)
+    check_window_softcap(_OP, sliding_window, softcap)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group_size = num_heads // num_kv_heads
@@ -424,6 +463,8 @@ def paged_decode_attention_ref(
     if max_len > 0:
         positions = torch.arange(max_len, device=q.device)
         valid = positions[None, :] < lens[:, None]  # [num_seqs, max_len]
+        if sliding_window is not None:
+            valid &= positions[None, :] >= lens[:, None] - int(sliding_window)
         logical = (positions // block_size).clamp(max=block_tables.shape[1] - 1)
         blocks = torch.where(valid, block_tables[:, logical].long(), 0)
         slots = (positions % block_size)[None, :].expand(num_seqs, -1)
@@ -431,6 +472,8 @@ def paged_decode_attention_ref(
         v = v_cache[blocks, slots].float()
         qg = q.float().view(num_seqs, num_kv_heads, group_size, head_dim)
         scores = torch.einsum("shgd,sthd->shgt", qg, k) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty context gives zeros
         result = torch.einsum("shgt,sthd->shgd", probs, v).reshape(num_seqs, num_heads, head_dim)

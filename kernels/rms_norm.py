@@ -4,6 +4,10 @@ Rounding follows Hugging Face's LlamaRMSNorm so the GPU path matches the referen
 the residual sum is rounded to the model dtype (as ``residual + hidden`` is in the model), the
 norm is computed in fp32, rounded to the model dtype, then multiplied by the weight.
 One program normalises one row; the whole row is held in registers (hidden sizes up to 16k).
+
+``unit_offset=True`` is Gemma's RMSNorm instead: the weight is stored as ``w - 1`` (applied as
+``1 + w``) and nothing is rounded between the fp32 norm and the multiply (Gemma's reference rounds
+once, at the end).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def _rms_norm_kernel(
     stride_ot,
     stride_nt,
     HAS_RESIDUAL: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,  # Gemma: (1 + weight), no rounding before the multiply
     BLOCK: tl.constexpr,  # next power of 2 >= hidden
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -43,9 +48,12 @@ def _rms_norm_kernel(
         tl.store(new_residual_ptr + token * stride_nt + offs, x, mask=mask)
     xf = x.to(tl.float32)
     variance = tl.sum(xf * xf, axis=0) / hidden
-    normed = (xf * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        out = xf * tl.rsqrt(variance + eps) * (1.0 + w)
+    else:
+        normed = (xf * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
+        out = normed.to(tl.float32) * w
     tl.store(out_ptr + token * stride_ot + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,7 +72,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, optionally after adding ``residual``.
 
@@ -73,6 +82,7 @@ def rms_norm(
         weight: ``[hidden]``.
         eps: added to the mean square.
         residual: optional, like ``x``.
+        unit_offset: Gemma's norm, ``norm(x) * (1 + weight)`` rounded once.
     Returns:
         ``out`` (x's dtype and shape) when ``residual`` is None, else ``(out, new_residual)`` with
         ``new_residual = x + residual`` and ``out = rms_norm(new_residual)``. Inputs are not modified.
@@ -109,6 +119,7 @@ def rms_norm(
             out.stride(0),
             new_residual.stride(0),
             HAS_RESIDUAL=residual is not None,
+            UNIT_OFFSET=bool(unit_offset),
             BLOCK=block,
             num_warps=min(max(block // 256, 1), 16),
         )
@@ -119,13 +130,17 @@ def rms_norm(
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    unit_offset: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch :func:`rms_norm` (same arguments, results and rounding)."""
     _check(x, weight, residual)
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    out = (normed.float() * weight.float()).to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        out = (normed * (1.0 + weight.float())).to(x.dtype)
+    else:
+        out = (normed.to(x.dtype).float() * weight.float()).to(x.dtype)
     return out if residual is None else (out, x)

@@ -2,7 +2,7 @@
 
 ``cos_sin_cache[pos] = cat(cos(pos * inv_freq), sin(pos * inv_freq))`` of shape
 ``[max_position, rotary_dim]`` (fp32), built by :func:`compute_cos_sin_cache` with the same
-inverse frequencies as Hugging Face's rope init functions (default, linear, llama3).
+inverse frequencies as Hugging Face's rope init functions (default, linear, llama3, longrope).
 ``rotary_dim`` may be smaller than ``head_dim`` (partial rotary: the rest passes through).
 One program rotates every q and k head of one token.
 """
@@ -158,14 +158,22 @@ def rotary_embedding_ref(
     return q, k
 
 
-def _inv_freq(rotary_dim: int, base: float, rope_scaling: dict | None) -> torch.Tensor:
+def _inv_freq(rotary_dim: int, base: float, rope_scaling: dict | None, use_long_factor: bool) -> torch.Tensor:
     # Same expression as transformers' rope init functions, so the fp32 values match bit for bit.
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base**exponents)
     rope_type = None
     if rope_scaling:
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if rope_type in (None, "default"):
         return inv_freq
+    if rope_type == "longrope":
+        factors = rope_scaling["long_factor" if use_long_factor else "short_factor"]
+        if len(factors) != rotary_dim // 2:
+            raise ValueError(
+                f"compute_cos_sin_cache: longrope factors have {len(factors)} entries, rotary_dim {rotary_dim} "
+                f"needs {rotary_dim // 2}")
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
     if rope_type == "linear":
         return inv_freq / float(rope_scaling["factor"])
     if rope_type == "llama3":
@@ -183,8 +191,19 @@ def _inv_freq(rotary_dim: int, base: float, rope_scaling: dict | None) -> torch.
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, inv_freq_llama)
     raise ValueError(
-        f"compute_cos_sin_cache: unsupported rope_scaling type {rope_type!r} (have default, linear, llama3)"
+        f"compute_cos_sin_cache: unsupported rope_scaling type {rope_type!r} (have default, linear, llama3, "
+        "longrope)"
     )
+
+
+def longrope_attention_factor(rope_scaling: dict, max_position: int) -> float:
+    """LongRoPE's cos/sin scale: ``attention_factor`` if given, else sqrt(1 + ln(f) / ln(original))
+    with f = ``factor``, or max_position / original (transformers' default for Phi-3)."""
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    original = rope_scaling["original_max_position_embeddings"]
+    factor = rope_scaling.get("factor") or max_position / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def compute_cos_sin_cache(
@@ -194,22 +213,31 @@ def compute_cos_sin_cache(
     rope_scaling: dict | None = None,
     device: torch.device | str | None = None,
     rotary_dim: int | None = None,
+    use_long_factor: bool = False,
 ) -> torch.Tensor:
     """fp32 ``[max_position, rotary_dim]`` table ``cat(cos, sin)`` for :func:`rotary_embedding`.
 
     Args:
         head_dim: attention head size; ``rotary_dim`` defaults to it.
-        max_position: number of positions in the table.
+        max_position: number of positions in the table (also LongRoPE's default scaling factor's
+            numerator: the config's ``max_position_embeddings``).
         base: ``rope_theta``.
         rope_scaling: the HF config's ``rope_scaling`` / ``rope_parameters`` dict or None; supports
-            ``rope_type`` (or legacy ``type``) ``default``, ``linear`` and ``llama3``.
+            ``rope_type`` (or legacy ``type``) ``default``, ``linear``, ``llama3`` and ``longrope``
+            (``short_factor``, ``long_factor``, ``original_max_position_embeddings``, optional
+            ``factor`` / ``attention_factor``).
         device: where to build the table (default CPU).
         rotary_dim: rotated dims when smaller than head_dim (partial rotary).
+        use_long_factor: longrope only: the long factors (else the short ones), for every position.
     """
     rotary_dim = head_dim if rotary_dim is None else rotary_dim
     if rotary_dim % 2 != 0 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"compute_cos_sin_cache: rotary_dim {rotary_dim} must be even and in (0, {head_dim}]")
-    inv_freq = _inv_freq(rotary_dim, base, rope_scaling).to(device)
+    inv_freq = _inv_freq(rotary_dim, base, rope_scaling, use_long_factor).to(device)
     positions = torch.arange(max_position, dtype=torch.int64, device=device).float()
     freqs = positions[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+    table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if rope_type == "longrope":
+        table = table * longrope_attention_factor(rope_scaling, max_position)
+    return table.contiguous()

@@ -11,7 +11,7 @@ Importing the package is cheap: torch and transformers load when an engine is bu
 from paged_engine.config import EngineConfig
 from paged_engine.llm import LLM
 from paged_engine.llm_engine import LLMEngine
-from paged_engine.outputs import CompletionOutput, Logprob, RequestOutput
+from paged_engine.output.request_output import CompletionOutput, Logprob, RequestOutput
 from paged_engine.sampling_params import SamplingParams
 
 __all__ = [

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from paged_engine.config import EngineConfig
 from paged_engine.llm_engine import LLMEngine
-from paged_engine.outputs import RequestOutput
+from paged_engine.output.request_output import RequestOutput
 from paged_engine.sampling_params import SamplingParams
 
 
@@ -26,8 +26,8 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs):
-        runner = kwargs.pop("runner", None)  # tests inject a fake runner
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs), runner=runner)
+        executor = kwargs.pop("executor", None)  # tests inject a fake executor
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs), executor=executor)
         self._ids = itertools.count()
 
     @property

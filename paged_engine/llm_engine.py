@@ -6,13 +6,16 @@
         for out in engine.step():
             print(out.request_id, out.new_text, out.finished)
 
-A step is: `batch = scheduler.schedule(); out = runner.run(batch); self._postprocess(batch, out)`.
-Post-processing appends the sampled tokens, detokenizes incrementally and decides stops, in the
-order vLLM does: (only once more than min_tokens were generated) EOS unless ignore_eos, then
-stop_token_ids, then stop strings on the text; then max_tokens / max_model_len ("length").
-Text that could be the start of a stop string is held back until decided, so text after a stop
-string never reaches any delta. The engine is thread-safe: add_request / abort / step / stats
-take one lock, so a serving thread may abort while another thread steps.
+A step is three calls (nano-vllm `llm_engine.py`)::
+
+    batch = scheduler.schedule()                  # core/: plain-data SchedulerOutput
+    output = executor.execute_model(batch)        # executor/: ModelRunnerOutput
+    finished = self._postprocess(batch, output)   # scheduler.update_from_output + output/
+
+Post-processing appends the sampled tokens (scheduler), then the output processor detokenizes
+them and the stop checker decides stops (output/stop_checker.py has the order). The engine is
+thread-safe: add_request / abort / step / stats take one lock, so a serving thread may abort
+while another thread steps.
 """
 
 from __future__ import annotations
@@ -24,62 +27,15 @@ import threading
 from typing import Any
 
 from paged_engine.config import EngineConfig
-from paged_engine.outputs import CompletionOutput, LivePrefix, Logprob, RequestOutput
+from paged_engine.core.batch import ModelRunnerOutput, SchedulerOutput
+from paged_engine.core.scheduler import Scheduler
+from paged_engine.core.sequence import Request, SequenceStatus
+from paged_engine.output.output_processor import OutputProcessor
+from paged_engine.output.request_output import RequestOutput
+from paged_engine.output.stop_checker import StopChecker, model_eos_token_ids
 from paged_engine.sampling_params import SamplingParams
-from paged_engine.scheduler import Scheduler
-from paged_engine.sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
-
-
-def _find_stop_string(text: str, stops: list[str], start: int) -> tuple[int, str] | None:
-    """The stop string occurrence in text[start:] that ends first: (index, stop) or None."""
-    best = None
-    for s in stops:
-        idx = text.find(s, max(0, start))
-        if idx >= 0:
-            key = (idx + len(s), idx)
-            if best is None or key < best[0]:
-                best = (key, idx, s)
-    return None if best is None else (best[1], best[2])
-
-
-def _partial_stop_suffix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
-    longest = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest
-
-
-def _model_eos_token_ids(config: EngineConfig, tokenizer) -> frozenset[int]:
-    """EOS ids: the tokenizer's, generation_config.json's and config.json's (Llama 3 has several)."""
-    ids: set[int] = set()
-
-    def add(value: Any) -> None:
-        if isinstance(value, bool):
-            return
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                add(v)
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    add(getattr(config.hf_config, "eos_token_id", None))
-    path = os.path.join(config.model, "generation_config.json")
-    if os.path.isfile(path):
-        import json
-
-        try:
-            with open(path) as f:
-                add(json.load(f).get("eos_token_id"))
-        except (OSError, ValueError):
-            pass
-    return frozenset(ids)
 
 
 class LLMEngine:
@@ -88,11 +44,14 @@ class LLMEngine:
     Args:
         config: an EngineConfig, or a model directory (then **kwargs are EngineConfig fields),
             or None with model=... in kwargs.
-        runner: an already built model runner (tests inject fakes); default builds
-            `paged_engine.model_runner.ModelRunner(config, config.hf_config)`.
+        executor: an already built executor (tests inject fakes); default
+            `Executor.from_config(config)` (one model runner in this process).
+        proposer: speculative decoding's draft proposer (tests inject fakes); default built from
+            `config.speculative_config` (spec_decode/: n-gram or a draft model), None without it.
     """
 
-    def __init__(self, config: EngineConfig | str | os.PathLike | None = None, *, runner: Any = None, **kwargs):
+    def __init__(self, config: EngineConfig | str | os.PathLike | None = None, *, executor: Any = None,
+                 proposer: Any = None, **kwargs):
         if config is None:
             config = EngineConfig(**kwargs)
         elif isinstance(config, (str, os.PathLike)):
@@ -107,15 +66,31 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        self.eos_token_ids = _model_eos_token_ids(config, self.tokenizer)
+        self.eos_token_ids = model_eos_token_ids(config.model, config.hf_config, self.tokenizer)
         self.vocab_size = int(getattr(config.hf_config, "vocab_size", 0) or len(self.tokenizer))
 
-        if runner is None:
-            from paged_engine.model_runner import ModelRunner
+        spec = config.speculative_config
+        if proposer is None and spec is not None:
+            # A draft model is loaded before the target sizes its KV cache from what is left.
+            from paged_engine.spec_decode import make_proposer
 
-            runner = ModelRunner(config, config.hf_config)
-        self.runner = runner
-        self.num_kv_blocks = int(runner.num_kv_blocks)
+            proposer = make_proposer(config)
+        self.proposer = proposer
+        if executor is None:
+            from paged_engine.executor.executor import Executor
+
+            try:
+                executor = Executor.from_config(config)
+            except BaseException:
+                if proposer is not None and hasattr(proposer, "shutdown"):
+                    proposer.shutdown()
+                raise
+        self.executor = executor
+        self.num_kv_blocks = int(executor.num_kv_blocks)
+        if proposer is not None and hasattr(proposer, "allocate_kv_cache"):
+            # The draft's paged cache has the target's blocks: one block table serves both,
+            # so freeing a sequence's blocks frees them in both caches.
+            proposer.allocate_kv_cache(self.num_kv_blocks)
         kv_capacity_tokens = self.num_kv_blocks * config.block_size
         # One sequence alone must always fit in the cache, or preemption could not make progress.
         self.max_model_len = min(config.max_model_len, kv_capacity_tokens)
@@ -125,13 +100,16 @@ class LLMEngine:
                 config.max_model_len, self.num_kv_blocks, config.block_size, self.max_model_len,
             )
         self.scheduler = Scheduler(config, self.num_kv_blocks)
+        self.output_processor = OutputProcessor(
+            self.tokenizer, StopChecker(self.eos_token_ids, self.max_model_len), self.scheduler.finish_seq)
 
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []  # aborted, final output not yet returned
+        # Structured outputs: the grammar compiler (made on the first such request) and the
+        # requests whose grammar is still compiling, with its Future.
+        self._structured_output = None
+        self._grammar_waiting: dict[str, tuple[Request, Any]] = {}
         self._arrival = itertools.count()
-        self._decoded_token_cache: dict[int, str] = {}
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
         self.num_steps = 0
 
     # ------------------------------------------------------------------ construction helpers
@@ -141,10 +119,16 @@ class LLMEngine:
         return cls(EngineConfig.from_dict(d), **kwargs)
 
     def shutdown(self) -> None:
-        """Free the runner (GPU memory)."""
-        runner, self.runner = self.runner, None
-        if runner is not None and hasattr(runner, "shutdown"):
-            runner.shutdown()
+        """Free the executor (GPU memory, worker processes) and the draft proposer."""
+        executor, self.executor = self.executor, None
+        if executor is not None and hasattr(executor, "shutdown"):
+            executor.shutdown()
+        proposer, self.proposer = getattr(self, "proposer", None), None
+        if proposer is not None and hasattr(proposer, "shutdown"):
+            proposer.shutdown()
+        manager, self._structured_output = getattr(self, "_structured_output", None), None
+        if manager is not None:
+            manager.shutdown()
 
     def __enter__(self) -> "LLMEngine":
         return self
@@ -184,9 +168,19 @@ class LLMEngine:
                 f"({self.scheduler.max_num_seqs}: min(max_num_seqs, max_num_batched_tokens))"
             )
         bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        if params.logit_bias:
+            bad = sorted(t for t in params.logit_bias if t >= self.vocab_size)
+            if bad:
+                raise ValueError(f"logit_bias names token ids outside the vocabulary "
+                                 f"[0, {self.vocab_size}): {bad[:5]}")
         child_params = [
             params._for_engine(self.eos_token_ids, i, bad_words_token_ids) for i in range(params.n)
         ]
+        grammar_future = None
+        if params.structured_outputs is not None:
+            grammar_future = self.structured_output_manager().compile(params.structured_outputs)
+            if grammar_future.done() and grammar_future.exception() is not None:
+                raise grammar_future.exception()  # known to fail (cached): refuse at once
         with self._lock:
             if request_id in self.requests:
                 raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
@@ -194,9 +188,74 @@ class LLMEngine:
                 request_id, prompt, prompt_token_ids, params, child_params, next(self._arrival)
             )
             for seq in request.seqs:
-                self._init_output_state(seq)
+                self.output_processor.init_sequence(seq)
+            if grammar_future is not None:
+                if grammar_future.done():
+                    self._set_grammars(request, grammar_future.result())
+                else:
+                    request.leader.status = SequenceStatus.WAITING_FOR_GRAMMAR
+                    self._grammar_waiting[request_id] = (request, grammar_future)
             self.requests[request_id] = request
             self.scheduler.add_request(request)
+
+    # ------------------------------------------------------------------ structured outputs
+
+    def structured_output_manager(self):
+        """The grammar compiler of this engine (structured_output/), made on first use."""
+        with self._lock:
+            if self._structured_output is None:
+                from paged_engine.structured_output import StructuredOutputManager
+
+                self._structured_output = StructuredOutputManager(
+                    self.tokenizer, self.vocab_size, self.eos_token_ids)
+            return self._structured_output
+
+    def _set_grammars(self, request: Request, compiled) -> None:
+        manager = self._structured_output
+        for seq in request.seqs:
+            seq.grammar = manager.new_grammar(compiled)
+
+    def _update_grammar_waiting(self) -> list[RequestOutput]:
+        """Hand finished compilations to their requests; fail those whose grammar did not
+        compile (they hold no KV blocks yet). Returns the failed requests' final outputs."""
+        failed = []
+        for request_id, (request, future) in list(self._grammar_waiting.items()):
+            if request.is_finished:  # aborted while compiling
+                del self._grammar_waiting[request_id]
+                continue
+            if not future.done():
+                continue
+            del self._grammar_waiting[request_id]
+            error = future.exception()
+            if error is None:
+                self._set_grammars(request, future.result())
+                continue
+            request.error = str(error)
+            for seq in request.seqs:
+                self.scheduler.finish_seq(seq, "error")
+            failed.append(self._make_output(request))
+        return failed
+
+    def _wait_for_grammars(self, timeout_s: float = 0.01) -> None:
+        """Nothing could run: wait a little for a compilation rather than spin on the lock."""
+        import concurrent.futures
+
+        futures = [f for _, f in self._grammar_waiting.values()]
+        concurrent.futures.wait(futures, timeout=timeout_s,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _fill_grammar_bitmasks(self, batch: SchedulerOutput) -> None:
+        """Put each constrained sampling sequence's bitmask into the batch (one row per sampled
+        position), cutting its drafts at the first one its grammar rejects."""
+        seqs_by_id = self.scheduler.seqs_by_id
+        for scheduled in batch.seqs:
+            if not scheduled.do_sample:
+                continue
+            seq = seqs_by_id.get(scheduled.seq_id)
+            if seq is None or seq.grammar is None:
+                continue
+            scheduled.grammar_bitmask, scheduled.draft_token_ids = seq.grammar.next_token_bitmask(
+                scheduled.draft_token_ids)
 
     def _bad_words_token_ids(self, bad_words: list[str]) -> tuple[tuple[int, ...], ...]:
         """Token-id sequences of bad_words, as vLLM's `SamplingParams.update_from_tokenizer`.
@@ -294,182 +353,71 @@ class LLMEngine:
                 for request in self._aborted:
                     outputs.append(self._make_output(request))
                 self._aborted = []
+            if self._grammar_waiting:
+                outputs.extend(self._update_grammar_waiting())
             batch = self.scheduler.schedule()
-            if batch.chunks:
-                runner_output = self.runner.run(batch)
-                outputs.extend(self._postprocess(batch, runner_output))
+            if not batch.seqs and self._grammar_waiting:
+                self._wait_for_grammars()
+            if batch.seqs:
+                draft_probs = None
+                if self.proposer is not None:
+                    draft_probs = self.proposer.propose(batch, self.scheduler.seqs_by_id)
+                if self._structured_output is not None:
+                    self._fill_grammar_bitmasks(batch)
+                if self.proposer is not None:
+                    unused = sum(s.num_lookahead_tokens - len(s.draft_token_ids) for s in batch.seqs)
+                    batch.num_batched_tokens -= unused
+                if draft_probs:
+                    output = self.executor.execute_model(batch, draft_probs=draft_probs)
+                else:
+                    output = self.executor.execute_model(batch)
+                outputs.extend(self._postprocess(batch, output))
                 self.scheduler.remove_finished()
                 self.num_steps += 1
             return outputs
 
-    def _postprocess(self, batch, runner_output) -> list[RequestOutput]:
-        sampled = self.scheduler.update_from_output(
-            batch, runner_output.sampled_token_ids, getattr(runner_output, "logprobs", None)
-        )
+    def _postprocess(self, batch: SchedulerOutput, output: ModelRunnerOutput) -> list[RequestOutput]:
+        if output.prompt_logprobs:
+            seqs_by_id = self.scheduler.seqs_by_id
+            for scheduled, chunk in zip(batch.seqs, output.prompt_logprobs):
+                seq = seqs_by_id.get(scheduled.seq_id) if chunk is not None else None
+                if seq is not None:
+                    self.output_processor.add_prompt_logprobs(seq, chunk)
+        new_tokens = self.scheduler.update_from_output(batch, output)
         touched: dict[str, Request] = {}
-        for seq, token_id, logprob in sampled:
-            self._process_token(seq, token_id, logprob)
+        process_tokens = self.output_processor.process_tokens
+        for seq, token_ids, logprobs in new_tokens:
+            process_tokens(seq, token_ids, logprobs)
             touched[seq.request.request_id] = seq.request
         return [self._make_output(r) for r in touched.values()]
 
-    # ------------------------------------------------------------------ per token
-
-    def _init_output_state(self, seq: Sequence) -> None:
-        from paged_engine.detokenizer import IncrementalDetokenizer
-
-        seq.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, seq.prompt_token_ids, skip_special_tokens=seq.params.skip_special_tokens
-        )
-        seq.detok_window = seq.detokenizer.window()
-
-    def _decoded_token(self, token_id: int) -> str:
-        text = self._decoded_token_cache.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._decoded_token_cache[token_id] = text
-        return text
-
-    def _record_logprobs(self, seq: Sequence, token_id: int, sample_logprobs: Any) -> None:
-        if isinstance(sample_logprobs, tuple):
-            chosen, rank, top = sample_logprobs
-        else:
-            chosen, rank, top = sample_logprobs.logprob, sample_logprobs.rank, sample_logprobs.top
-        seq.cumulative_logprob += float(chosen)
-        if seq.logprobs is None:
-            return
-        entry = {token_id: Logprob(float(chosen), int(rank), self._decoded_token(token_id))}
-        for r, (tid, lp) in enumerate(top or (), start=1):
-            tid = int(tid)
-            if tid not in entry:
-                entry[tid] = Logprob(float(lp), r, self._decoded_token(tid))
-        seq.logprobs.append(entry)
-
-    def _process_token(self, seq: Sequence, token_id: int, sample_logprobs: Any) -> None:
-        """Append bookkeeping for one sampled token: logprobs, text delta, stop checks, finish."""
-        params = seq.params
-        request = seq.request
-        if not request.prompt_counted and seq.index == 0:
-            request.prompt_counted = True
-            self.prompt_tokens_total += len(request.prompt_token_ids)
-        self.generation_tokens_total += 1
-        seq.pending_token_ids.append(token_id)
-        if sample_logprobs is not None:
-            self._record_logprobs(seq, token_id, sample_logprobs)
-
-        num_out = len(seq.output_token_ids)
-        stops_active = num_out > params.min_tokens
-        finish_reason = None
-        stop_reason: Any = None
-        detokenize = True
-        if stops_active:
-            if token_id in self.eos_token_ids and not params.ignore_eos:
-                finish_reason = "stop"
-                detokenize = params.include_stop_str_in_output
-            elif token_id in params.stop_token_ids:
-                finish_reason, stop_reason = "stop", token_id
-                detokenize = params.include_stop_str_in_output
-
-        det = seq.detokenizer
-        if detokenize:
-            delta = det.add_tokens([token_id])
-            if delta:
-                prev_len = len(seq.output_text)
-                seq.output_text += delta
-                if params.stop and stops_active and finish_reason is None:
-                    finish_reason, stop_reason = self._check_stop_strings(seq, prev_len)
-
-        if finish_reason is None:
-            if params.max_tokens is not None and num_out >= params.max_tokens:
-                finish_reason = "length"
-            elif seq.num_prompt_tokens + num_out >= self.max_model_len:
-                finish_reason = "length"
-
-        if finish_reason is not None and not isinstance(stop_reason, str):
-            # Release what the detokenizer held back (a dangling partial character).
-            tail = det.flush()
-            if tail:
-                prev_len = len(seq.output_text)
-                seq.output_text += tail
-                if params.stop and stops_active:
-                    reason, s = self._check_stop_strings(seq, prev_len)
-                    if reason is not None:
-                        finish_reason, stop_reason = reason, s
-        # Taken once per step, after flush(): decode_window(ids, offset, final=finished) then
-        # reproduces this step's detokenizer text (add_tokens delta + flush tail).
-        seq.detok_window = det.window()
-
-        # Emit text, holding back a suffix that may still grow into a stop string.
-        emit_to = len(seq.output_text)
-        if finish_reason is None and params.stop:
-            emit_to -= _partial_stop_suffix_len(seq.output_text, params.stop)
-        if emit_to > seq.num_emitted_chars:
-            seq.pending_text += seq.output_text[seq.num_emitted_chars : emit_to]
-            seq.num_emitted_chars = emit_to
-
-        if finish_reason is not None:
-            self.scheduler.finish_seq(seq, finish_reason, stop_reason)
-
-    def _check_stop_strings(self, seq: Sequence, prev_len: int) -> tuple[str | None, str | None]:
-        params = seq.params
-        max_stop_len = max(len(s) for s in params.stop)
-        match = _find_stop_string(seq.output_text, params.stop, prev_len - max_stop_len + 1)
-        if match is None:
-            return None, None
-        idx, s = match
-        end = idx + len(s) if params.include_stop_str_in_output else idx
-        # Never cut into text already returned (the hold-back makes that impossible).
-        seq.output_text = seq.output_text[: max(end, seq.num_emitted_chars)]
-        return "stop", s
-
-    # ------------------------------------------------------------------ outputs
-
     def _make_output(self, request: Request) -> RequestOutput:
-        outs = []
-        finished = True
-        for seq in request.seqs:
-            outs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    token_ids=LivePrefix(seq.output_token_ids, len(seq.output_token_ids)),
-                    text=seq.output_text[: seq.num_emitted_chars],
-                    new_token_ids=seq.pending_token_ids,
-                    new_text=seq.pending_text,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    # No tokens this step (an n>1 sibling that waited, an abort): an empty
-                    # window, so a stateless decoder repeats nothing. Otherwise the window
-                    # taken this step, shared as is: window() returns a fresh list that
-                    # nothing mutates, and the next token replaces it.
-                    detok_window=seq.detok_window if seq.pending_token_ids else ([], 0),
-                )
-            )
-            seq.pending_token_ids = []
-            seq.pending_text = ""
-            finished = finished and seq.status is SequenceStatus.FINISHED
-        if finished:
+        output = self.output_processor.make_output(request)
+        if output.finished:
             self.requests.pop(request.request_id, None)
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=outs,
-            finished=finished,
-            num_cached_tokens=request.num_cached_tokens,
-        )
+        return output
+
+    def check_health(self) -> None:
+        """Raise if the engine can no longer step (a tensor-parallel worker died); no-op otherwise."""
+        check = getattr(self.executor, "check_health", None)
+        if check is not None:
+            check()
 
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict:
-        """Counters and gauges for metrics (all ints but prefix_cache_hit_rate).
+        """Counters and gauges for metrics (ints, but prefix_cache_hit_rate and the list
+        spec_accepted_per_pos).
 
         running / waiting count requests (a request with n>1 counts once). kv_blocks_free
         includes free blocks that still hold a cached prefix (they are reclaimed on demand).
         prefix_cache_queries / prefix_cache_hits count prompt tokens looked up / served from the
         cache at a request's first admission. preemptions counts sequences preempted.
         prompt_tokens_total counts each request's prompt once, when its first token is sampled;
-        generation_tokens_total counts every sampled token.
+        generation_tokens_total counts every sampled token (speculative decoding's tokens
+        past a stop excluded). spec_num_drafts counts sequence-steps that verified drafts,
+        spec_num_draft_tokens the drafts verified, spec_num_accepted_tokens those accepted,
+        spec_accepted_per_pos[j] the steps whose draft j (0-based) was accepted.
         """
         with self._lock:
             sched = self.scheduler
@@ -487,7 +435,11 @@ class LLMEngine:
                 "prefix_cache_queries": queries,
                 "prefix_cache_hit_rate": (sched.prefix_cache_hits / queries) if queries else 0.0,
                 "preemptions": sched.num_preemptions,
-                "prompt_tokens_total": self.prompt_tokens_total,
-                "generation_tokens_total": self.generation_tokens_total,
+                "prompt_tokens_total": self.output_processor.prompt_tokens_total,
+                "generation_tokens_total": self.output_processor.generation_tokens_total,
                 "num_steps": self.num_steps,
+                "spec_num_drafts": sched.spec_num_drafts,
+                "spec_num_draft_tokens": sched.spec_num_draft_tokens,
+                "spec_num_accepted_tokens": sched.spec_num_accepted_tokens,
+                "spec_accepted_per_pos": list(sched.spec_accepted_per_pos),
             }

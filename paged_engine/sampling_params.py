@@ -4,10 +4,17 @@ Semantics follow vLLM: `temperature=0` is greedy; `top_k` -1 (or 0) disables top
 in vLLM (repetition over prompt + output, presence/frequency over the output); `logprobs=N` returns
 the sampled token's logprob plus the top-N of the raw model distribution; `min_tokens` suppresses
 EOS, `stop_token_ids` and stop strings until that many tokens were generated; `bad_words` are
-words the output must not contain (the engine tokenizes them, see `bad_words_token_ids`).
+words the output must not contain (the engine tokenizes them, see `bad_words_token_ids`);
+`logit_bias` maps token ids to a value added to their logits before sampling (vLLM / OpenAI).
+
+`structured_outputs` (vLLM's `StructuredOutputsParams`) constrains the output to a JSON schema,
+any JSON object, a regular expression, one of a list of strings, or an EBNF grammar: the engine
+masks every token the grammar does not allow (paged_engine/structured_output/).
 
 `SamplingParams.from_dict` accepts vllm_backend style JSON where values may be strings
 ("0.7", "true", "[1, 2]"); an unknown key or a bad value raises ValueError naming the field.
+vLLM's older keys `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` and
+`guided_json_object` map onto `structured_outputs`.
 """
 
 from __future__ import annotations
@@ -51,6 +58,115 @@ def _string_list(name: str, value: Any) -> list[str]:
     return list(parsed)
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's `StructuredOutputsParams`); exactly one kind is given.
+
+    Args:
+        json: a JSON schema (a dict, or its JSON text): the output is a JSON value valid under it.
+        regex: a regular expression the whole output matches.
+        choice: a list of strings; the output is exactly one of them.
+        grammar: an EBNF grammar (GBNF dialect, as llama.cpp and xgrammar write it) whose rule
+            `root` derives the output.
+        json_object: True: the output is any JSON object (OpenAI's `json_object` response format).
+        disable_any_whitespace: JSON only: no whitespace between JSON tokens but a single space
+            after `:` and `,` (small models otherwise tend to emit whitespace without end).
+    The output ends where the grammar can end and the model samples its end-of-sequence token;
+    EOS is masked until then.
+    """
+
+    json: Any = None
+    regex: str | None = None
+    choice: tuple | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+    def __post_init__(self) -> None:
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must give exactly one of json, regex, choice, grammar, "
+                f"json_object; got {given or 'none'}")
+        set_ = object.__setattr__  # frozen: normalise once here
+        json_spec = _parse_json_maybe(self.json)
+        if self.json is not None:
+            if isinstance(json_spec, str):
+                raise ValueError(f"structured_outputs.json must be a JSON schema (an object), "
+                                 f"got a string that is not JSON: {self.json[:80]!r}")
+            if not isinstance(json_spec, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema object, got "
+                                 f"{type(json_spec).__name__}")
+            set_(self, "json", json_spec)
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"structured_outputs.regex must be a non-empty string, got {self.regex!r}")
+        if self.choice is not None:
+            choice = _parse_json_maybe(self.choice)
+            if (not isinstance(choice, (list, tuple)) or not choice
+                    or not all(isinstance(c, str) and c for c in choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty "
+                                 f"strings, got {self.choice!r}")
+            set_(self, "choice", tuple(choice))
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError(f"structured_outputs.grammar must be a non-empty EBNF string, "
+                             f"got {self.grammar!r}")
+        if self.json_object is not None:
+            set_(self, "json_object", parse_bool("structured_outputs.json_object", self.json_object))
+        set_(self, "disable_any_whitespace",
+             parse_bool("structured_outputs.disable_any_whitespace", self.disable_any_whitespace))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def cache_key(self) -> tuple:
+        """(kind, canonical spec, options): equal for requests that compile to the same grammar."""
+        kind = self.kind
+        spec = getattr(self, kind)
+        if kind == "json":
+            spec = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        return (kind, spec, self.disable_any_whitespace)
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "StructuredOutputsParams":
+        """From a dict (or its JSON text); unknown keys are a ValueError naming them."""
+        if isinstance(value, cls):
+            return value
+        parsed = _parse_json_maybe(value)
+        if not isinstance(parsed, dict):
+            raise ValueError(f"structured_outputs must be an object such as {{\"json\": {{...}}}}, "
+                             f"got {value!r}")
+        check_known_keys("structured_outputs", parsed,
+                         {f.name for f in dataclasses.fields(cls)})
+        return cls(**parsed)
+
+
+# vLLM's keys before StructuredOutputsParams -> its fields.
+_GUIDED_KEYS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar", "guided_json_object": "json_object"}
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """None, {} or {token id (int or digit string): finite number} -> {int: float} or None."""
+    parsed = _parse_json_maybe(value)
+    if parsed is None or parsed == {}:
+        return None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"logit_bias must be an object of token id -> bias, got {value!r}")
+    out = {}
+    for key, bias in parsed.items():
+        token_id = parse_int("logit_bias token id", key)
+        if token_id < 0:
+            raise ValueError(f"logit_bias token ids must be non-negative, got {key!r}")
+        bias = parse_float(f"logit_bias[{key}]", bias)
+        if bias != bias or bias in (float("inf"), float("-inf")):
+            raise ValueError(f"logit_bias[{key}] must be finite, got {bias}")
+        out[token_id] = out.get(token_id, 0.0) + bias
+    return out
+
+
 @dataclass
 class SamplingParams:
     """Generation parameters of one request.
@@ -73,11 +189,20 @@ class SamplingParams:
         repetition_penalty: > 0; 1 = off.
         presence_penalty, frequency_penalty: in [-2, 2]; 0 = off.
         logprobs: None, or top-N (0..20) logprobs to return per generated token.
+        prompt_logprobs: None, or top-N (0..20) logprobs to return per prompt token (vLLM):
+            `RequestOutput.prompt_logprobs` is None for the first prompt token, then a dict
+            token id -> Logprob holding the actual token and the top-N. A request asking for
+            them is not served from the prefix cache (its prompt logits must be computed).
         skip_special_tokens: drop special tokens from the text.
         bad_words: string or list of strings the output must not contain (vLLM semantics): each
             is tokenized without and with a leading space, and the last token of such a
             sequence is masked whenever the generated tokens end with the ones before it (a
             one-token word is always masked). Only generated tokens count, not the prompt.
+        logit_bias: {token_id: bias} added to the logits after banned tokens are masked and
+            before penalties and temperature (vLLM's order); logprobs stay those of the model.
+            Biases must be finite; keys may be strings of ints (JSON objects).
+        structured_outputs: a StructuredOutputsParams (or a dict for one): the output must
+            match its grammar. Logprobs are then those of the masked distribution (vLLM v1).
     """
 
     n: int = 1
@@ -96,8 +221,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     bad_words: str | list[str] | None = None
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: the token-id sequences of bad_words (both spacings, deduplicated),
     # which the sampler masks.
     bad_words_token_ids: tuple = field(default=(), init=False, repr=False, compare=False)
@@ -170,12 +298,18 @@ class SamplingParams:
         self.logprobs = parse_int("logprobs", self.logprobs, allow_none=True)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        self.prompt_logprobs = parse_int("prompt_logprobs", self.prompt_logprobs, allow_none=True)
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         self.skip_special_tokens = parse_bool("skip_special_tokens", self.skip_special_tokens)
         self.bad_words = _string_list("bad_words", self.bad_words)
         for word in self.bad_words:
             if not word.strip():
                 # vLLM strips the leading spaces; nothing would be left to tokenize.
                 raise ValueError(f"bad_words must contain non-blank strings, got {word!r}")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self.all_stop_token_ids = frozenset(self.stop_token_ids)
 
     @property
@@ -194,6 +328,17 @@ class SamplingParams:
                 d = json.loads(d) if d.strip() else {}
             except json.JSONDecodeError as e:
                 raise ValueError(f"sampling_parameters is not valid JSON: {e}") from None
+        guided = {k: d[k] for k in _GUIDED_KEYS if d.get(k) is not None}
+        if "guided_json_object" in guided and not parse_bool("guided_json_object",
+                                                              guided["guided_json_object"]):
+            del guided["guided_json_object"]  # false: no constraint
+        if guided:
+            if d.get("structured_outputs") is not None:
+                raise ValueError(f"give structured_outputs or {sorted(guided)}, not both")
+            d = {k: v for k, v in d.items() if k not in _GUIDED_KEYS}
+            d["structured_outputs"] = {_GUIDED_KEYS[k]: v for k, v in guided.items()}
+        else:
+            d = {k: v for k, v in d.items() if k not in _GUIDED_KEYS}
         check_known_keys("SamplingParams", d, cls.field_names())
         return cls(**d)
 
@@ -209,6 +354,8 @@ class SamplingParams:
         p.bad_words_token_ids = tuple(tuple(ids) for ids in bad_words_token_ids)
         if self.seed is not None and index:
             p.seed = self.seed + index
+        if index:
+            p.prompt_logprobs = None  # a request's prompt logprobs come from its first output
         stop_ids = set(self.stop_token_ids)
         if not self.ignore_eos:
             stop_ids |= set(eos_token_ids)

@@ -13,8 +13,9 @@ import json
 import os
 
 from paged_engine.serving.engine_loop import EngineLoop
+from paged_engine.serving.intake import RequestTooLarge, parse_max_prompt_bytes
 from paged_engine.serving.metrics import ServingMetrics
-from paged_engine.serving.request import RequestError, parse_request
+from paged_engine.serving.request import RequestError, RequestLimits, parse_request
 from paged_engine.serving.sender import ResponseSenderThread
 
 
@@ -27,7 +28,7 @@ def load_engine_args(model_dir: str) -> dict:
     except FileNotFoundError:
         raise RuntimeError(
             f"{path} is missing: it holds the engine arguments, at least {{\"model\": <dir>}}; "
-            "paged_engine.serving.repository.prepare_model_repository writes it") from None
+            "paged_engine.deploy.repository.prepare_model_repository writes it") from None
     except json.JSONDecodeError as e:
         raise RuntimeError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(args, dict) or "model" not in args:
@@ -36,7 +37,31 @@ def load_engine_args(model_dir: str) -> dict:
     if isinstance(model, str) and not os.path.isabs(model) and os.path.exists(
             os.path.join(model_dir, model)):
         args["model"] = os.path.normpath(os.path.join(model_dir, model))
+    spec = args.get("speculative_config")
+    if isinstance(spec, str) and spec.strip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            pass  # EngineConfig reports it, naming the key
+    if isinstance(spec, dict) and isinstance(spec.get("model"), str):
+        draft = spec["model"]  # a draft model directory, relative like `model`
+        if not os.path.isabs(draft) and os.path.exists(os.path.join(model_dir, draft)):
+            args["speculative_config"] = {**spec, "model": os.path.normpath(os.path.join(model_dir, draft))}
     return args
+
+
+_FALSE = ("false", "0", "no", "off")
+
+
+def metrics_enabled(params: dict) -> bool:
+    """Metrics are on unless `enable_metrics` or vllm_backend's `REPORT_CUSTOM_METRICS` model
+    parameter says false (vllm_backend has them off unless REPORT_CUSTOM_METRICS is true; ours
+    are on by default)."""
+    for key in ("enable_metrics", "REPORT_CUSTOM_METRICS"):
+        value = params.get(key, {}).get("string_value", "true").strip().lower()
+        if value in _FALSE:
+            return False
+    return True
 
 
 def default_engine_factory(engine_args: dict):
@@ -74,6 +99,13 @@ class PagedLLMModel:
         self.model_name = args["model_name"]
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         engine_args = load_engine_args(version_dir)
+        tp = engine_args.get("tensor_parallel_size", 1)
+        if args.get("model_instance_kind") == "GPU" and str(tp).strip() not in ("1", ""):
+            # vllm_backend's rule: an instance pinned to one GPU cannot place ranks on others.
+            raise pb.TritonModelException(
+                f"tensor_parallel_size={tp} needs instance_group {{ kind: KIND_MODEL }} in "
+                "config.pbtxt (KIND_GPU pins the instance to one GPU; the engine places rank r "
+                "on cuda:r itself)")
         if args.get("model_instance_kind") == "GPU" and "device" not in engine_args:
             engine_args["device"] = f"cuda:{args['model_instance_device_id']}"
         if self._sampling_params_from_dict is None:
@@ -81,7 +113,7 @@ class PagedLLMModel:
 
             self._sampling_params_from_dict = SamplingParams.from_dict
         if self._decode_window is None:
-            from paged_engine.detokenizer import decode_window
+            from paged_engine.output.detokenizer import decode_window
 
             self._decode_window = decode_window
         try:
@@ -90,14 +122,24 @@ class PagedLLMModel:
             raise pb.TritonModelException(f"bad engine arguments in model.json: {e}") from e
 
         params = model_config.get("parameters", {})
-        metrics_on = params.get("enable_metrics", {}).get("string_value", "true").lower() != "false"
+        metrics_on = metrics_enabled(params)
+        tokenizer = getattr(engine, "tokenizer", None)
+        max_model_len = getattr(engine, "max_model_len", None)
+        try:
+            max_prompt_bytes = parse_max_prompt_bytes(
+                params.get("max_prompt_bytes", {}).get("string_value"), tokenizer, max_model_len)
+        except ValueError as e:
+            raise pb.TritonModelException(f"config.pbtxt: {e}") from e
+        self.limits = RequestLimits(max_prompt_bytes=max_prompt_bytes, max_model_len=max_model_len)
         self.sender = ResponseSenderThread(pb, self.logger)
         self.metrics = None
         if metrics_on:
             self.metrics = ServingMetrics(pb, {"model": self.model_name,
-                                               "version": str(args["model_version"])})
+                                               "version": str(args["model_version"])},
+                                          max_model_len=max_model_len or 8192)
         self.loop = EngineLoop(engine, self.sender, self.metrics, self.logger,
-                               decode_window=self._decode_window)
+                               decode_window=self._decode_window, tokenizer=tokenizer,
+                               max_model_len=max_model_len)
         # Full garbage collections walk every object left from importing torch and transformers
         # (~10^5; ~0.1 s each on a slow core, a latency spike every few dozen steps): park them
         # in the permanent generation, as vLLM does after start-up. finalize() unfreezes them.
@@ -107,7 +149,9 @@ class PagedLLMModel:
         self.loop.start()
         if self.metrics is not None:
             self.sender.call(self.metrics.update_from_stats, dict(engine.stats()))
-        self.logger.log_info(f"paged_llm: engine ready ({engine_args.get('model')})")
+        self.logger.log_info(f"paged_llm: engine ready ({engine_args.get('model')}; "
+                             f"max_model_len {max_model_len}, max_prompt_bytes "
+                             f"{max_prompt_bytes})")
 
     def execute(self, requests):
         """Validate, hand to the engine thread, return None (responses leave via the sender)."""
@@ -120,6 +164,16 @@ class PagedLLMModel:
                     self.loop.abort(value.decode() if isinstance(value, bytes) else str(value))
                 response_sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
+            if pb.get_input_tensor_by_name(request, "health_check") is not None:
+                # A probe (paged-triton's supervisor, a Kubernetes probe): an empty final while
+                # the engine thread runs, UNAVAILABLE once it died. Reaching here at all shows
+                # the backend stub is alive.
+                if self.loop.healthy:
+                    response_sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                else:
+                    self.sender.send(response_sender, final=True, error=(
+                        "UNAVAILABLE", self.loop.unavailable_message()))
+                continue
 
             def get_input(name, _request=request):
                 tensor = pb.get_input_tensor_by_name(_request, name)
@@ -127,8 +181,8 @@ class PagedLLMModel:
 
             try:
                 parsed = parse_request(get_input, request.parameters(),
-                                       self._sampling_params_from_dict)
-            except RequestError as e:
+                                       self._sampling_params_from_dict, self.limits)
+            except (RequestError, RequestTooLarge) as e:
                 self.sender.send(response_sender, final=True, error=("INVALID_ARG", str(e)))
                 continue
             except Exception as e:  # never let one request take the batch down

@@ -9,8 +9,8 @@ Sampling settings come as vllm_backend clients send them:
    parameters, so paged_llm has no input named like a sampling key).
 
 TensorRT-LLM style tensors (`max_tokens`, `temperature`, `stop_words`, `bad_words`, `end_id`, ...)
-arrive at the ensemble; its preprocessing model turns them into `sampling_parameters` with
-`trtllm_sampling_settings`.
+arrive at the ensemble and at tensorrt_llm_bls, which turn them into `sampling_parameters` with
+serving/trtllm_request.py.
 
 Parsing runs in `execute`, touches no engine state and is thread-safe, so a bad request is
 answered at once without waiting for the engine thread.
@@ -24,23 +24,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Request parameters that Triton's own front ends add; they are not sampling settings.
-_RESERVED_PARAMETER_PREFIXES = ("triton_",)
-_RESERVED_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start",
-                                  "sequence_end", "headers", "binary_data_output"})
+from paged_engine.serving.intake import check_prompt_bytes
 
-# TensorRT-LLM style scalar tensors that map one to one onto SamplingParams fields.
-_SCALAR_SAMPLING_TENSORS = {
-    "max_tokens": int,
-    "min_tokens": int,
-    "top_k": int,
-    "top_p": float,
-    "temperature": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "seed": int,
-}
+# Request parameters that Triton's own front ends add; they are not sampling settings. `id` is
+# the request id of the generate extension (`{"id": "42", "text_input": ...}`), which Triton
+# 2.51 hands on as a parameter.
+_RESERVED_PARAMETER_PREFIXES = ("triton_",)
+_RESERVED_PARAMETERS = frozenset({"id", "priority", "timeout", "sequence_id", "sequence_start",
+                                  "sequence_end", "headers", "binary_data_output"})
 
 _BOOL_INPUTS = (
     "stream",
@@ -74,6 +65,21 @@ class ParsedRequest:
     # Token-level outputs for the ensemble's stateless postprocessing (output_ids window,
     # cum_log_probs, output_log_probs); on whenever the prompt came as input_ids.
     token_outputs: bool = False
+    # Whether the request named max_tokens itself (an explicit max_tokens that cannot fit in
+    # max_model_len is an error; the default one is cut by the length limit).
+    max_tokens_given: bool = False
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Size limits checked while parsing, before the prompt is decoded or tokenized.
+
+    max_prompt_bytes: most bytes of prompt text (None: no limit); see serving/intake.py.
+    max_model_len: the engine's; an input_ids prompt longer than it is refused at once.
+    """
+
+    max_prompt_bytes: int | None = None
+    max_model_len: int | None = None
 
 
 def _scalar(array: np.ndarray, name: str):
@@ -114,56 +120,30 @@ def _parse_json_object(text: str, what: str) -> dict:
     return obj
 
 
-def trtllm_sampling_settings(get_input: Callable[[str], np.ndarray | None]) -> dict:
-    """Sampling settings from TensorRT-LLM style tensors (the ensemble's front door).
-
-    Args:
-        get_input: name -> numpy array of that input tensor, or None when absent.
-    Returns:
-        A dict of SamplingParams keys (the preprocessing model sends it on as
-        `sampling_parameters`).
-    Raises:
-        RequestError naming the problem.
-    """
-    settings: dict = {}
-    for name, kind in _SCALAR_SAMPLING_TENSORS.items():
-        array = get_input(name)
-        if array is not None:
-            value = _scalar(array, name)
-            try:
-                settings[name] = kind(value)
-            except (TypeError, ValueError):
-                raise RequestError(f"input '{name}' must be a number, got {value!r}") from None
-    stop_words = get_input("stop_words")
-    if stop_words is not None:
-        words = [w for w in _strings(stop_words, "stop_words") if w]
-        if words:  # TensorRT-LLM clients send [""] for none
-            settings["stop"] = words
-    bad_words = get_input("bad_words")
-    if bad_words is not None:
-        words = [w for w in _strings(bad_words, "bad_words") if w]
-        if words:  # as stop_words: [""] means none
-            settings["bad_words"] = words  # the engine tokenizes them (vLLM semantics)
-    end_id = get_input("end_id")
-    if end_id is not None:
-        value = _scalar(end_id, "end_id")
-        if not isinstance(value, int) or value < 0:
-            raise RequestError(f"input 'end_id' must be a non-negative token id, got {value!r}")
-        settings["stop_token_ids"] = [value]  # the model's EOS ids stop it as well
-    return_log_probs = get_input("return_log_probs")
-    if return_log_probs is not None and bool(_scalar(return_log_probs, "return_log_probs")):
-        settings["logprobs"] = 0  # the chosen token's logprob is all output_log_probs needs
-    # pad_id only shapes padded batch outputs in TensorRT-LLM; ours are never padded.
-    pad_id = get_input("pad_id")
-    if pad_id is not None:
-        _scalar(pad_id, "pad_id")
-    return settings
+def _prompt_text(array: np.ndarray, max_prompt_bytes: int | None) -> str:
+    """The text_input string, its size checked before it is decoded."""
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(
+            f"input 'text_input' must hold exactly one value, got shape {list(array.shape)}")
+    value = flat[0]
+    if isinstance(value, (bytes, np.bytes_)):
+        check_prompt_bytes(len(value), max_prompt_bytes)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"input 'text_input' is not valid UTF-8: {e}") from None
+    if not isinstance(value, str):
+        raise RequestError("input 'text_input' must be a string")
+    check_prompt_bytes(len(value.encode("utf-8")), max_prompt_bytes)
+    return value
 
 
 def parse_request(
     get_input: Callable[[str], np.ndarray | None],
     parameters_json: str,
     sampling_params_from_dict: Callable[[dict], Any],
+    limits: RequestLimits = RequestLimits(),
 ) -> ParsedRequest:
     """Parse one request.
 
@@ -171,6 +151,7 @@ def parse_request(
         get_input: name -> numpy array of that input tensor, or None when absent.
         parameters_json: the request's parameters as Triton hands them over (a JSON object string).
         sampling_params_from_dict: `SamplingParams.from_dict` (raises ValueError naming the field).
+        limits: size limits (a prompt over them is refused before it is decoded).
     Returns:
         A ParsedRequest.
     Raises:
@@ -191,9 +172,7 @@ def parse_request(
     if text_array is not None and ids_array is not None:
         raise RequestError("give either 'text_input' or 'input_ids', not both")
     if text_array is not None:
-        prompt = _scalar(text_array, "text_input")
-        if not isinstance(prompt, str):
-            raise RequestError("input 'text_input' must be a string")
+        prompt = _prompt_text(text_array, limits.max_prompt_bytes)
         if prompt == "":
             raise RequestError("input 'text_input' is empty: the prompt needs at least one token")
     elif ids_array is not None:
@@ -204,7 +183,10 @@ def parse_request(
             raise RequestError("input 'input_ids' is empty: the prompt needs at least one token")
         if (ids < 0).any():
             raise RequestError("input 'input_ids' holds negative token ids")
-        prompt_token_ids = [int(t) for t in ids]
+        if limits.max_model_len is not None and ids.size > limits.max_model_len:
+            raise RequestError(f"prompt is too long: {ids.size} tokens, max_model_len is "
+                               f"{limits.max_model_len}")
+        prompt_token_ids = ids.tolist()
     else:
         raise RequestError("missing prompt: give 'text_input' (or 'input_ids')")
 
@@ -219,9 +201,7 @@ def parse_request(
             if k not in _RESERVED_PARAMETERS and not k.startswith(_RESERVED_PARAMETER_PREFIXES)
         }
     token_outputs = prompt_token_ids is not None
-    if flags.get("return_logprobs") and settings.get("logprobs") in (None, "", "null", "None"):
-        # vllm_backend answers null without `logprobs`; the chosen token's logprob is better.
-        settings["logprobs"] = 0
+    # return_logprobs without a `logprobs` key answers JSON null, as vllm_backend does.
 
     try:
         params = sampling_params_from_dict(settings)
@@ -249,4 +229,5 @@ def parse_request(
         return_num_input_tokens=flags.get("return_num_input_tokens", False),
         return_num_output_tokens=flags.get("return_num_output_tokens", False),
         token_outputs=token_outputs,
+        max_tokens_given=settings.get("max_tokens") not in (None, "", "null", "None"),
     )

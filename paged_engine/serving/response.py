@@ -27,23 +27,38 @@ def _logprob_value(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
+def _position_json(per_token) -> dict | None:
+    if per_token is None:
+        return None
+    return {
+        str(token_id): {
+            "logprob": _logprob_value(lp),
+            "rank": getattr(lp, "rank", None),
+            "decoded_token": getattr(lp, "decoded_token", None),
+        }
+        for token_id, lp in per_token.items()
+    }
+
+
 def _logprobs_json(completion, num_new_tokens: int, all_tokens: bool) -> str:
     """vllm_backend's `logprobs` element: per token {token_id: {logprob, rank, decoded_token}}."""
     logprobs = completion.logprobs
     if logprobs is None:
         return "null"
     items = logprobs if all_tokens else logprobs[len(logprobs) - num_new_tokens:]
-    out = []
-    for per_token in items:
-        out.append({
-            str(token_id): {
-                "logprob": _logprob_value(lp),
-                "rank": getattr(lp, "rank", None),
-                "decoded_token": getattr(lp, "decoded_token", None),
-            }
-            for token_id, lp in per_token.items()
-        })
-    return json.dumps(out, ensure_ascii=False)
+    return json.dumps([_position_json(per_token) for per_token in items], ensure_ascii=False)
+
+
+def _prompt_logprobs_json(output) -> str:
+    """Per prompt token, as `logprobs` (the actual token first, then the top-N). Nothing predicts
+    the first token: its entry names the token with logprob, rank and decoded_token null."""
+    entries = []
+    for token_id, per_token in zip(output.prompt_token_ids, output.prompt_logprobs):
+        entry = _position_json(per_token)
+        if entry is None:
+            entry = {str(token_id): {"logprob": None, "rank": None, "decoded_token": None}}
+        entries.append(entry)
+    return json.dumps(entries, ensure_ascii=False)
 
 
 def _chosen_logprobs(completion, token_ids: list[int]) -> list[float]:
@@ -155,7 +170,7 @@ class TextWindow:
 
 def build_outputs(parsed, output, *, prompt_text: str | None,
                   text_window: TextWindow | None = None,
-                  on_window_mismatch=None) -> dict[str, np.ndarray]:
+                  on_window_mismatch=None, first_response: bool = True) -> dict[str, np.ndarray]:
     """Output arrays of one response.
 
     Args:
@@ -165,6 +180,8 @@ def build_outputs(parsed, output, *, prompt_text: str | None,
         text_window: the request's TextWindow, needed for token outputs (parsed.token_outputs).
         on_window_mismatch: called with a message when the token window cannot reproduce the
             engine's text (the window is sent anyway).
+        first_response: whether this is the request's first response: the prompt's logprobs
+            (SamplingParams.prompt_logprobs) go out once, with it.
     Returns:
         output name -> numpy array.
     """
@@ -183,6 +200,9 @@ def build_outputs(parsed, output, *, prompt_text: str | None,
         out["logprobs"] = np.array(
             [_logprobs_json(c, len(c.new_token_ids), whole) for c in completions],
             dtype=np.object_)
+    if (first_response and getattr(output, "prompt_logprobs", None) is not None
+            and getattr(parsed.params, "prompt_logprobs", None) is not None):
+        out["prompt_logprobs"] = np.array([_prompt_logprobs_json(output)], dtype=np.object_)
     if parsed.return_num_input_tokens:
         out["num_input_tokens"] = np.array([len(output.prompt_token_ids)], dtype=np.uint32)
     if parsed.return_num_output_tokens:

@@ -190,3 +190,24 @@ def test_serving_tiny_cpu(tmp_path):
         assert r["total_input_tokens"] == doc["requested_prompt_tokens"]
     assert _close(doc["ratio_to_offline"],
                   doc["runs"][0]["output_throughput"] / doc["offline_output_tokens_per_s"])
+
+
+def test_spec_decode_tiny_cpu(tmp_path, tiny_model_dir):
+    """benchmarks/spec_decode.py end to end on the tiny model: every configuration's greedy
+    output equals the one without speculation, and the acceptance arithmetic adds up."""
+    from benchmarks import spec_decode
+
+    out = tmp_path / "spec.json"
+    rc = spec_decode.main(["--model", tiny_model_dir, "--cache-dir", str(tmp_path / "cache"),
+                           "--repeats", "1", "--batch-sizes", "2", "--copy-max-tokens", "12",
+                           "--chat-max-tokens", "8", "--throughput-max-tokens", "6",
+                           "--draft-layers", "1", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["greedy_mismatches"] == []
+    for section in list(doc["latency"].values()) + list(doc["throughput"].values()):
+        assert set(section) == {"none", "ngram", "draft"}
+        for name, entry in section.items():
+            if name != "none" and entry["drafts"]:
+                assert 0 <= entry["accepted_tokens"] <= entry["draft_tokens"]
+                assert _close(entry["mean_accepted_length"], 1 + entry["accepted_tokens"] / entry["drafts"])

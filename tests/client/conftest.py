@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory, tiny_model_dir, triton_server_factory):
     """A started TritonServer with paged_llm, preprocessing, postprocessing and ensemble."""
-    from paged_engine.serving.repository import prepare_model_repository
+    from paged_engine.deploy.repository import prepare_model_repository
 
     repo = prepare_model_repository(tmp_path_factory.mktemp("client-repo"), tiny_model_dir,
                                     num_kv_blocks=128, max_num_seqs=16, max_model_len=1024)
@@ -42,7 +42,7 @@ def engine_metrics(llm_server) -> EngineMetrics:
 
 def engine_gauges(metrics_url: str) -> dict[str, float]:
     """The vllm:* counters and gauges now, summed over labels."""
-    from client.metrics import HistogramSummary, fetch_metrics, parse_prometheus, summarize
+    from paged_triton.client.metrics import HistogramSummary, fetch_metrics, parse_prometheus, summarize
 
     samples, types = parse_prometheus(fetch_metrics(metrics_url))
     out = {}

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from client.bench import (
+from paged_triton.client.bench import (
     RequestResult,
     arrival_offsets,
     compute_metrics,
@@ -119,8 +119,8 @@ def test_plot_writes_png(tmp_path):
 
 def test_json_is_strict_and_plots_back(tmp_path):
     pytest.importorskip("matplotlib")
-    from client.bench import BenchResult, results_to_json
-    from client.cli import main
+    from paged_triton.client.bench import BenchResult, results_to_json
+    from paged_triton.client.cli import main
 
     m = compute_metrics([_result(0.1, 0.1, 1)], 0.5)  # one token: no TPOT/ITL -> NaN stats
     m["request_rate"], m["max_concurrency"] = "inf", 4

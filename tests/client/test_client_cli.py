@@ -2,7 +2,7 @@
 
 import pytest
 
-from client.cli import _sampling_from_args, build_parser, main
+from paged_triton.client.cli import _sampling_from_args, build_parser, main
 
 
 def test_generate_flags_become_sampling():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from client.metrics import format_summary, parse_prometheus, summarize
+from paged_triton.client.metrics import format_summary, parse_prometheus, summarize
 
 TEXT = """\
 # HELP vllm:num_requests_running Requests running

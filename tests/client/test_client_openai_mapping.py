@@ -8,15 +8,15 @@ import json
 
 import pytest
 
-from client.errors import InvalidArgument, NotFound, ServerError, Unavailable
-from client.openai_server import (
+from paged_triton.client.errors import InvalidArgument, NotFound, ServerError, Unavailable
+from paged_triton.client.openai_server import (
     OpenAIError,
     OpenAIServer,
     error_from_client,
     plan_chat,
     plan_completion,
 )
-from client.protocol import Chunk, CompletionBuilder
+from fake_triton_client import Chunk, FakeClientBase, FakeStream
 
 
 def test_plan_completion_maps_fields():
@@ -32,10 +32,13 @@ def test_plan_completion_maps_fields():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"prompt": ""}, "prompt"), ({}, "prompt"), ({"prompt": [1, 2]}, "prompt"),
+    ({"prompt": ""}, "prompt"), ({}, "prompt"), ({"prompt": [1, -2]}, "prompt"),
+    ({"prompt": [[]]}, "prompt"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"), ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"), ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"), ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"), ({"prompt": "x", "stop": [1]}, "stop"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_plan_completion_rejects_with_param(body, param):
@@ -46,9 +49,9 @@ def test_plan_completion_rejects_with_param(body, param):
 
 
 def test_plan_chat_renders_messages():
-    seen = []
+    seen: list = []
 
-    def render(messages):
+    def render(messages, tools=None):
         seen.append(messages)
         return "PROMPT"
 
@@ -56,7 +59,10 @@ def test_plan_chat_renders_messages():
                                    {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                       "max_tokens": 3}, render)
     assert plan.prompts == ["PROMPT"] and plan.sampling == [{"max_tokens": 3}]
-    assert seen == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+    # Without max_tokens a chat answer runs to the end (the engine's "null": max_model_len).
+    assert plan_chat({"messages": [{"role": "user", "content": "x"}]}, render).sampling == [
+        {"max_tokens": "null"}]
+    assert seen[0] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     for bad in ({"messages": []}, {"messages": [{"content": "x"}]},
                 {"messages": [{"role": "wizard", "content": "x"}]}):
         with pytest.raises(OpenAIError):
@@ -71,66 +77,18 @@ def test_error_mapping_statuses():
     assert error_from_client(InvalidArgument("bad")).body()["error"]["message"] == "bad"
 
 
-class FakeStream:
-    def __init__(self, chunks, error=None):
-        self._chunks, self._error = list(chunks), error
-        self._builder = CompletionBuilder()
-        self.cancelled = False
-
-    @property
-    def completion(self):
-        return self._builder.completion
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        await asyncio.sleep(0)
-        if self._error is not None:
-            raise self._error
-        if not self._chunks:
-            self._builder.finish()
-            raise StopAsyncIteration
-        c = self._chunks.pop(0)
-        self._builder.add(c)
-        return c
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class FakeClient:
+class FakeClient(FakeClientBase):
     """Echoes the prompt's words back as one token each; 'reject' in a prompt is InvalidArgument."""
 
-    model = "paged_llm"
-
-    def __init__(self):
-        self.calls = []
-
-    def _chunks(self, prompt, max_tokens=16, **_):
+    def chunks_for(self, prompt, max_tokens=16, **_):
+        if "reject" in prompt:
+            return FakeStream([], InvalidArgument("max_tokens must be >= 1, got -3"))
+        max_tokens = 1000 if max_tokens == "null" else max_tokens
         words = [" " + w for w in prompt.split()][:max_tokens]
         chunks = [Chunk(w, num_output_tokens=1) for w in words]
         chunks[-1].finish_reason = "length" if len(words) == max_tokens else "stop"
         chunks[-1].num_input_tokens = len(prompt.split())
-        return chunks
-
-    def stream_chunks(self, prompt, **sampling):
-        self.calls.append((prompt, sampling))
-        if "reject" in prompt:
-            return FakeStream([], InvalidArgument("max_tokens must be >= 1, got -3"))
-        return FakeStream(self._chunks(prompt, **sampling))
-
-    async def generate(self, prompt, **sampling):
-        s = self.stream_chunks(prompt, **sampling)
-        async for _ in s:
-            pass
-        return s.completion
-
-    async def is_model_ready(self):
-        return True
-
-    async def close(self):
-        pass
+        return FakeStream(chunks)
 
 
 def _run(coro_fn):
@@ -179,7 +137,7 @@ def test_completions_streaming_sse_with_usage_and_done():
 
 
 def test_chat_streaming_role_first_then_content(tmp_path, tiny_model_dir):
-    from client import openai_server
+    from paged_triton.client import openai_server
 
     async def go(http, fake):
         r = await http.post("/v1/chat/completions", json={

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from client.errors import InvalidArgument
-from client.protocol import (
+from paged_triton.client.errors import InvalidArgument
+from paged_triton.client.protocol import (
     TRTLLM,
     VLLM,
     Chunk,
@@ -60,9 +60,21 @@ def test_trtllm_inputs_are_typed_tensors():
     assert (t["max_tokens"].datatype, t["max_tokens"].values) == ("INT32", [7])
     assert (t["temperature"].datatype, t["temperature"].values) == ("FP32", [0.7])
     assert (t["seed"].datatype, t["seed"].values) == ("UINT64", [3])
-    assert t["stop_words"].values == ["a", "bc"] and t["stop_words"].shape == [2]
-    assert t["stream"].values == [True]
+    assert t["stop_words"].values == ["a", "bc"] and t["stop_words"].shape == [1, 2]
+    assert t["stream"].values == [True] and t["stream"].shape == [1, 1]  # the batch dimension
     assert t["max_tokens"].as_numpy().dtype == np.int32
+    assert "top_p" not in t  # top_k given: TensorRT-LLM samples with it
+
+
+def test_trtllm_temperature_alone_samples_the_whole_distribution():
+    """TensorRT-LLM decodes greedily without top_k / top_p; vLLM's temperature alone samples."""
+    info = ModelInfo.default("ensemble")
+    t = by_name(build_inputs(info, "Hi", True, {"temperature": 0.7}))
+    assert t["top_p"].values == [1.0]
+    t = by_name(build_inputs(info, "Hi", True, {"temperature": 0.0}))
+    assert "top_p" not in t
+    body = build_http_body(info, "Hi", True, {"temperature": 0.7, "top_p": 0.5})
+    assert body["top_p"] == 0.5
 
 
 def test_trtllm_rejects_unknown_and_mistyped_fields_naming_them():

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client import (
+from paged_triton.client import (
     AsyncClient,
     Client,
     ConnectionFailed,

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from client.cli import main
+from paged_triton.client.cli import main
 
 pytestmark = pytest.mark.server
 
@@ -112,7 +112,7 @@ def test_bench_workers_share_one_workload(llm_server, tmp_path, capsys):
 
 
 def test_concurrency_is_split_among_workers():
-    from client.bench_workers import split_concurrency
+    from paged_triton.client.bench_workers import split_concurrency
 
     assert split_concurrency(7, 3) == [3, 2, 2] and sum(split_concurrency(256, 5)) == 256
     assert split_concurrency(None, 2) == [None, None]

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def door(llm_server):
-    from client.openai_server import ServerThread
+    from paged_triton.client.openai_server import ServerThread
 
     # No --tokenizer: the front door reads tokenizer_dir from the server's model configs.
     with ServerThread(triton_url=llm_server.grpc_url) as d:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from client.errors import (
+from paged_triton.client.errors import (
     Cancelled,
     ClientError,
     ConnectionFailed,
@@ -15,8 +15,8 @@ from client.errors import (
     error_from_http,
     error_from_message,
 )
-from client.protocol import ModelInfo, build_inputs
-from client.wire import SSEParser, grpc_parse_response, grpc_request, http_error_body, http_event_chunk, normalize_url
+from paged_triton.client.protocol import ModelInfo, build_inputs
+from paged_triton.client.wire import SSEParser, grpc_parse_response, grpc_request, http_error_body, http_event_chunk, normalize_url
 
 
 def test_sse_parser_events_comments_multiline_and_crlf():

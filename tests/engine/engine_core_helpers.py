@@ -1,27 +1,25 @@
-"""Fake model runners for engine-core tests (no model, no torch work).
+"""Fake executors for engine-core tests (no model, no torch work).
 
-TokenCacheRunner stores *token ids* in a paged "KV cache" exactly where the real runner would
-store K/V (slot = block_table[pos // block_size] * block_size + pos % block_size), and before
-sampling reads the whole context back through the block table and checks it equals the
-sequence's tokens. So any block-table, prefix-cache, fork or preemption bug that would make the
-real model attend to wrong KV fails loudly here. Its "sampling" is a pure function of the
-context (or of (seed, position) for seeded requests), like a deterministic model.
+TokenCacheRunner keeps its own copy of each sequence from the plain-data batches, exactly as the
+real runner does (`SequenceStates`), and checks that copy against the engine's sequence every
+step, so a batch that leaves out a token or a block (or sends stale ones) fails here. It stores
+*token ids* in a paged "KV cache" exactly where the real runner would store K/V (slot =
+block_table[pos // block_size] * block_size + pos % block_size), and before sampling reads the
+whole context back through the block table and checks it equals the sequence's tokens. So any
+block-table, prefix-cache, fork or preemption bug that would make the real model attend to
+wrong KV fails loudly here. Its "sampling" is a pure function of the context (or of
+(seed, position) for seeded requests), like a deterministic model.
 
 ScriptedRunner emits a predetermined token list per prompt (to test stops and text).
 """
 
 from __future__ import annotations
 
+import pickle
 import random
-from collections import namedtuple
 
-SampleLogprobs = namedtuple("SampleLogprobs", ["logprob", "rank", "top"])
-
-
-class RunnerOutput:
-    def __init__(self, sampled_token_ids, logprobs):
-        self.sampled_token_ids = sampled_token_ids
-        self.logprobs = logprobs
+from paged_engine.core.batch import ModelRunnerOutput, SampleLogprobs
+from paged_engine.executor.sequence_state import SequenceStates
 
 
 def _cdiv(a, b):
@@ -37,6 +35,7 @@ class TokenCacheRunner:
         self.avoid_ids = set(avoid_ids)
         self.engine = None  # set by the test to check that written blocks are private
         self.batches = []   # (num_batched_tokens, [(seq_id, start_pos, n, do_sample)])
+        self.states = SequenceStates()
         self.shutdown_called = False
 
     def _slot(self, block_table, pos):
@@ -53,44 +52,54 @@ class TokenCacheRunner:
             if t not in self.avoid_ids:
                 return t
 
-    def run(self, batch):
+    def execute_model(self, batch):
+        # The batch crosses a process boundary unchanged (what a tensor-parallel worker gets).
+        batch = pickle.loads(pickle.dumps(batch))
         bs = self.block_size
+        states = self.states.update(batch)
         sampled, logprobs = [], []
         total = 0
         record = []
-        for chunk in batch.chunks:
-            full = list(chunk.prompt_token_ids) + list(chunk.output_token_ids)
-            start, n = chunk.start_pos, len(chunk.token_ids)
+        for chunk, state in zip(batch.seqs, states):
+            full = list(state.prompt_token_ids) + list(state.output_token_ids)
+            if self.engine is not None:
+                seq = self.engine.scheduler.seqs_by_id[chunk.seq_id]
+                assert full == seq.token_ids, f"runner copy of seq {chunk.seq_id} differs from the engine's"
+                assert state.block_table == seq.block_table, f"runner block table of seq {chunk.seq_id}"
+                assert state.params is seq.params or state.params == seq.params
+            start, n = chunk.start_pos, chunk.num_tokens
             end = start + n
             total += n
             assert n > 0
-            assert chunk.token_ids == full[start:end], "chunk tokens are not the sequence's"
             assert chunk.do_sample == (end == len(full))
-            assert len(chunk.block_table) >= _cdiv(end, bs), "block table too short"
-            assert len(chunk.block_table) <= _cdiv(end, bs), "more blocks than needed (waste)"
+            assert len(state.block_table) >= _cdiv(end, bs), "block table too short"
+            assert len(state.block_table) <= _cdiv(end, bs), "more blocks than needed (waste)"
             if self.engine is not None:
                 bm = self.engine.scheduler.block_manager
                 for pos in range(start, end):
-                    blk = bm.blocks[chunk.block_table[pos // bs]]
+                    blk = bm.blocks[state.block_table[pos // bs]]
                     assert blk.ref_count == 1, f"writing into shared block {blk}"
                     assert blk.block_hash is None, f"writing into cached block {blk}"
             for pos in range(start, end):
-                self.cache[self._slot(chunk.block_table, pos)] = full[pos]
+                self.cache[self._slot(state.block_table, pos)] = full[pos]
             for pos in range(end):
-                got = self.cache[self._slot(chunk.block_table, pos)]
+                got = self.cache[self._slot(state.block_table, pos)]
                 assert got == full[pos], f"seq {chunk.seq_id} pos {pos}: cache has {got}, want {full[pos]}"
             record.append((chunk.seq_id, start, n, chunk.do_sample))
             if chunk.do_sample:
-                t = self.next_token(chunk, full)
-                sampled.append(t)
-                if chunk.params.logprobs is not None:
-                    top = [(t, -0.5)] + [((t + k) % self.vocab_size, -1.0 - k) for k in range(1, chunk.params.logprobs)]
-                    logprobs.append(SampleLogprobs(-0.5, 1, top[: chunk.params.logprobs]))
+                t = self.next_token(state, full)
+                sampled.append([t])
+                if state.params.logprobs is not None:
+                    top = [(t, -0.5)] + [((t + k) % self.vocab_size, -1.0 - k) for k in range(1, state.params.logprobs)]
+                    logprobs.append([SampleLogprobs(-0.5, 1, top[: state.params.logprobs])])
                 else:
-                    logprobs.append(None)
+                    logprobs.append([SampleLogprobs(0.0, 1, [])])
+            else:
+                sampled.append([])
+                logprobs.append([])
         assert total == batch.num_batched_tokens
         self.batches.append((total, record))
-        return RunnerOutput(sampled, logprobs)
+        return ModelRunnerOutput(sampled, logprobs)
 
     def shutdown(self):
         self.shutdown_called = True
@@ -110,12 +119,12 @@ class ScriptedRunner(TokenCacheRunner):
 
 
 def make_engine(model_dir, runner_cls=TokenCacheRunner, num_kv_blocks=64, block_size=4, runner_kwargs=None, **config_kwargs):
-    """An LLMEngine on the tiny model's tokenizer/config with a fake runner."""
+    """An LLMEngine on the tiny model's tokenizer/config with a fake executor."""
     from paged_engine import EngineConfig, LLMEngine
 
     config = EngineConfig(model=model_dir, device="cpu", block_size=block_size, num_kv_blocks=num_kv_blocks, **config_kwargs)
     runner = runner_cls(num_kv_blocks, block_size, config.hf_config.vocab_size, **(runner_kwargs or {}))
-    engine = LLMEngine(config, runner=runner)
+    engine = LLMEngine(config, executor=runner)
     runner.engine = engine
     return engine
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from paged_engine import LLM, SamplingParams
-from paged_engine.sampler import Sampler
+from paged_engine.executor.sampler import Sampler
 
 PROMPT = "Hello world"
 MAX_NEW = 16
@@ -282,9 +282,8 @@ def _req(params, output, prompt=(5, 6)):
 
 
 def _params(bad_ids, **kw):
-    p = SamplingParams(temperature=0.0, **kw)
-    p.bad_words_token_ids = tuple(tuple(ids) for ids in bad_ids)
-    return p
+    """The engine's private copy (EOS = 1 among the stop ids), as the runner gets it."""
+    return SamplingParams(temperature=0.0, **kw)._for_engine(frozenset({1}), 0, bad_ids)
 
 
 def test_mask_matches_plain_loop():
@@ -301,7 +300,7 @@ def test_mask_matches_plain_loop():
             output = output + word[:-1]
         requests.append(_req(_params(bad_ids), output))
         expected_rows.append(plain_apply_bad_words(logits[i].tolist(), bad_ids, output))
-    sampler = Sampler(vocab, "cpu", eos_token_ids=[1])
+    sampler = Sampler(vocab, "cpu")
     masked = logits.clone()
     sampler.mask_banned_tokens(masked, requests)
     expected = torch.tensor(expected_rows)
@@ -322,7 +321,7 @@ def test_mask_matches_plain_loop():
 def test_mask_cases_by_hand():
     vocab = 12
     p = _params([[3], [4, 5], [6, 7, 8], [9, 7, 10]], min_tokens=2, stop_token_ids=[11])
-    sampler = Sampler(vocab, "cpu", eos_token_ids=[1])
+    sampler = Sampler(vocab, "cpu")
     cases = [
         ([], {3, 1, 11}),            # min_tokens: EOS and stop ids too; no prefix can match yet
         ([4], {3, 5, 1, 11}),

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from engine_core_helpers import OutputTracker, check_block_invariants, make_engine
 from paged_engine import SamplingParams
-from paged_engine.block_manager import BlockManager
+from paged_engine.core.block_manager import BlockManager
 from paged_engine.sampling_params import SamplingParams as SP
-from paged_engine.sequence import Request
+from paged_engine.core.sequence import Request
 
 
 def _seq(tokens, n=1):
@@ -74,7 +74,7 @@ def test_prefix_hit_verifies_and_shares():
 
 
 def test_hash_collision_is_detected(monkeypatch):
-    import paged_engine.block_manager as bm_mod
+    import paged_engine.core.block_manager as bm_mod
 
     monkeypatch.setattr(bm_mod, "hash_block_tokens", lambda parent, tokens: 42)
     bm = BlockManager(8, 2)
@@ -209,7 +209,7 @@ def test_random_operations_keep_invariants(tiny_model_dir, ops, num_blocks, bloc
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
     # Whatever the scheduling, every output is what the (deterministic) fake model gives alone.
-    runner = engine.runner
+    runner = engine.executor
     for out in tracker.finals.values():
         for c in out.outputs:
             context = list(out.prompt_token_ids)

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from paged_engine.detokenizer import IncrementalDetokenizer, _bytes_to_unicode, decode_window
+from paged_engine.output.detokenizer import IncrementalDetokenizer, _bytes_to_unicode, decode_window
 
 TEXTS = [
     "Hello world",
@@ -36,7 +36,7 @@ TEXTS = [
 def tok(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from paged_engine.tiny_model import save_tokenizer
+    from paged_engine.deploy.tiny_model import save_tokenizer
 
     directory = tmp_path_factory.mktemp(f"tok_{request.param}")
     save_tokenizer(directory, request.param)
@@ -327,7 +327,7 @@ def test_decode_window_rejects_bad_offset(tok):
 
 def test_raw_tokenizers_object_works():
     """decode_window / IncrementalDetokenizer also accept a raw `tokenizers.Tokenizer`."""
-    from paged_engine.tiny_model import build_tokenizer
+    from paged_engine.deploy.tiny_model import build_tokenizer
 
     raw, _ = build_tokenizer("byte_level")
     text = "raw 日本語 😀 ok"

@@ -19,7 +19,7 @@ def scripted(model_dir, text, extra_tokens=(), **kw):
     engine = make_engine(model_dir, runner_cls=ScriptedRunner, num_kv_blocks=64, block_size=4, **kw)
     tok = engine.tokenizer
     script = tok.encode(text, add_special_tokens=False) + list(extra_tokens)
-    engine.runner.scripts[tuple(PROMPT)] = script
+    engine.executor.scripts[tuple(PROMPT)] = script
     return engine, script
 
 
@@ -94,7 +94,7 @@ def test_stop_token_ids_and_min_tokens(model_dir):
 def test_eos_and_ignore_eos(model_dir):
     engine, script = scripted(model_dir, "Hello world")
     eos = engine.tokenizer.eos_token_id
-    engine.runner.scripts[tuple(PROMPT)] = script + [eos] + script
+    engine.executor.scripts[tuple(PROMPT)] = script + [eos] + script
     out, deltas = run(engine, SamplingParams(max_tokens=100))
     assert out.token_ids == script + [eos]
     assert out.finish_reason == "stop" and out.stop_reason is None
@@ -109,7 +109,7 @@ def test_eos_and_ignore_eos(model_dir):
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=False)
     assert tok.eos_token in out.text
     # min_tokens: the first EOS does not count (the real sampler would not even sample it)
-    engine.runner.scripts[tuple(PROMPT)] = script + [eos] + script + [eos] + script
+    engine.executor.scripts[tuple(PROMPT)] = script + [eos] + script + [eos] + script
     out, _ = run(engine, SamplingParams(max_tokens=100, min_tokens=len(script) + 1))
     assert out.finish_reason == "stop" and out.token_ids == script + [eos] + script + [eos]
 
@@ -144,11 +144,35 @@ def test_logprobs_shape(model_dir):
     for tok, entry in zip(out.token_ids, out.logprobs):
         first = next(iter(entry))
         assert first == tok  # the sampled token comes first
-        assert entry[tok].rank == 1 and entry[tok].decoded_token == engine.tokenizer.decode([tok])
+        assert entry[tok].rank == 1
         assert len(entry) == 2
+    # The sampled tokens' decoded_token is the text each added (vLLM): they concatenate to it.
+    assert "".join(e[t].decoded_token for t, e in zip(out.token_ids, out.logprobs)) == \
+        engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert out.cumulative_logprob == pytest.approx(-1.5)
     out, _ = run(engine, SamplingParams(max_tokens=3))
     assert out.logprobs is None
+
+
+def test_logprobs_decoded_tokens_follow_the_text(model_dir):
+    """Multi-byte characters split over tokens, and a special token the text skips: the sampled
+    tokens' decoded_token values concatenate to the text, and the special token adds no text of
+    its own (it is written out with skip_special_tokens=False). (A token's decoded_token may also
+    carry text the detokenizer held back until it came.)"""
+    engine, _ = scripted(model_dir, "x")
+    special = engine.tokenizer.convert_tokens_to_ids(engine.tokenizer.eos_token)
+    head = engine.tokenizer.encode("東京 🚀", add_special_tokens=False)
+    tail = engine.tokenizer.encode(" done", add_special_tokens=False)
+    engine.executor.scripts[tuple(PROMPT)] = head + [special] + tail
+    for skip, special_text in ((True, ""), (False, engine.tokenizer.eos_token)):
+        engine.requests.clear()
+        out, _ = run(engine, SamplingParams(max_tokens=len(head) + 1 + len(tail), logprobs=1,
+                                            ignore_eos=True, skip_special_tokens=skip))
+        decoded = [e[t].decoded_token for t, e in zip(out.token_ids, out.logprobs)]
+        assert "".join(decoded) == out.text
+        assert decoded[len(head)].endswith(special_text)
+        assert (engine.tokenizer.eos_token in out.text) == (not skip)
+        assert out.text.startswith("東京 🚀") and out.text.endswith(" done")
 
 
 def test_n_outputs_streamed_together(model_dir):
@@ -163,7 +187,7 @@ def test_n_outputs_streamed_together(model_dir):
 
 
 def test_detok_window_reproduces_deltas(model_dir):
-    from paged_engine.detokenizer import decode_window
+    from paged_engine.output.detokenizer import decode_window
 
     engine, script = scripted(model_dir, TEXT)
     engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=len(script), ignore_eos=True))

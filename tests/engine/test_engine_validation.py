@@ -95,17 +95,17 @@ def test_engine_construction_forms(tiny_model_dir):
     def runner():
         return TokenCacheRunner(16, 4, 400)
 
-    e1 = LLMEngine(tiny_model_dir, device="cpu", block_size=4, runner=runner())
-    e2 = LLMEngine(model=tiny_model_dir, block_size=4, runner=runner())
-    e3 = LLMEngine.from_dict({"model": tiny_model_dir, "block_size": "4"}, runner=runner())
-    e4 = LLMEngine(EngineConfig(model=tiny_model_dir, block_size=4), runner=runner())
+    e1 = LLMEngine(tiny_model_dir, device="cpu", block_size=4, executor=runner())
+    e2 = LLMEngine(model=tiny_model_dir, block_size=4, executor=runner())
+    e3 = LLMEngine.from_dict({"model": tiny_model_dir, "block_size": "4"}, executor=runner())
+    e4 = LLMEngine(EngineConfig(model=tiny_model_dir, block_size=4), executor=runner())
     for e in (e1, e2, e3, e4):
         assert e.config.block_size == 4 and e.stats()["kv_blocks_total"] == 16
         assert e.tokenizer is not None and e.max_model_len == 64
     with pytest.raises(ValueError):
-        LLMEngine(EngineConfig(model=tiny_model_dir), block_size=4, runner=runner())
+        LLMEngine(EngineConfig(model=tiny_model_dir), block_size=4, executor=runner())
     with pytest.raises(ValueError, match="bogus"):
-        LLMEngine.from_dict({"model": tiny_model_dir, "bogus": 1}, runner=runner())
+        LLMEngine.from_dict({"model": tiny_model_dir, "bogus": 1}, executor=runner())
     with e1 as e:
         pass
-    assert e.runner is None and e1 is e
+    assert e.executor is None and e1 is e

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _runner_helpers import BlockAllocator, chunk, runner_config
-from paged_engine.model_runner import ModelRunner
+from _runner_helpers import BlockAllocator, batch, chunk, runner_config
+from paged_engine.executor.model_runner import ModelRunner
 
 ATOL = 2e-4
 
@@ -27,7 +27,7 @@ LLAMA3_ROPE = {
 @pytest.fixture(scope="module")
 def llama3_rope_model(tmp_path_factory) -> str:
     """Tiny Llama with llama3 rope scaling whose original context (16) the prompts exceed."""
-    from paged_engine.tiny_model import make_tiny_model
+    from paged_engine.deploy.tiny_model import make_tiny_model
 
     d = tmp_path_factory.mktemp("llama3-rope")
     return make_tiny_model(d, arch="llama", rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0)
@@ -57,7 +57,7 @@ def _check_one_step(model_dir: str, block_size: int = 16, **runner_kw) -> None:
     prompts = _prompts(runner.vocab_size)
     alloc = BlockAllocator(runner.num_kv_blocks)
     chunks = [chunk(i, p, 0, alloc.take(-(-len(p) // block_size))) for i, p in enumerate(prompts)]
-    got = runner.compute_chunk_logits(chunks)
+    got = runner.compute_logits(batch(chunks))
     for i, (g, w) in enumerate(zip(got, _hf_logits(model_dir, prompts))):
         _assert_close(g, w, f"prompt {i}")
 
@@ -93,7 +93,7 @@ def test_llama3_rope_scaling(llama3_rope_model):
 
 
 def test_linear_rope_scaling(tmp_path):
-    from paged_engine.tiny_model import make_tiny_model
+    from paged_engine.deploy.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "linear", arch="llama",
                                 rope_scaling={"rope_type": "linear", "factor": 4.0})
@@ -103,7 +103,7 @@ def test_linear_rope_scaling(tmp_path):
 def test_unsupported_rope_scaling_is_an_error():
     from types import SimpleNamespace
 
-    from paged_engine.models.layers import rope_parameters
+    from paged_engine.model_executor.layers.rotary_embedding import rope_parameters
 
     config = SimpleNamespace(rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="yarn"):
@@ -125,7 +125,7 @@ def test_llama3_rope_scaling_legacy_config_keys(llama3_rope_model, tmp_path):
     (dst / "config.json").write_text(json.dumps(config))
     from types import SimpleNamespace
 
-    from paged_engine.models.layers import rope_parameters
+    from paged_engine.model_executor.layers.rotary_embedding import rope_parameters
 
     theta, scaling = rope_parameters(SimpleNamespace(**config))
     assert theta == 500000.0 and scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
@@ -164,7 +164,7 @@ def test_chunked_prefill_and_decode_through_paged_cache(make_model, block_size):
             chunk(1, seq_b[b0:b1], b0, table_b, prompt_token_ids=seq_b),
             chunk(0, seq_a[a0:a1], a0, table_a, prompt_token_ids=seq_a, do_sample=a1 == len(seq_a)),
         ]
-        got_b, got_a = runner.compute_chunk_logits(chunks)
+        got_b, got_a = runner.compute_logits(batch(chunks))
         _assert_close(got_a, want_a[a0:a1], f"A[{a0}:{a1}] block_size={block_size}")
         _assert_close(got_b, want_b[b0:b1], f"B[{b0}:{b1}] block_size={block_size}")
 
@@ -172,11 +172,11 @@ def test_chunked_prefill_and_decode_through_paged_cache(make_model, block_size):
 def test_one_chunk_equals_many_chunks(tiny_model_dir):
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=3, num_kv_blocks=64))
     (prompt,) = _prompts(runner.vocab_size, lengths=(30,), seed=2)
-    (whole,) = runner.compute_chunk_logits([chunk(0, prompt, 0, list(range(10)))])
+    (whole,) = runner.compute_logits(batch([chunk(0, prompt, 0, list(range(10)))]))
     table = list(range(10, 20))
     pieces = []
     for start, end in [(0, 4), (4, 5), (5, 17), (17, 30)]:
-        (logits,) = runner.compute_chunk_logits([chunk(1, prompt[start:end], start, table)])
+        (logits,) = runner.compute_logits(batch([chunk(1, prompt[start:end], start, table)]))
         pieces.append(logits)
     _assert_close(torch.cat(pieces), whole, "chunked vs whole")
 
@@ -184,7 +184,7 @@ def test_one_chunk_equals_many_chunks(tiny_model_dir):
 def test_unsupported_architecture_names_supported(tiny_model_dir, tmp_path):
     import shutil
 
-    from paged_engine.models import get_model_class
+    from paged_engine.model_executor.models import get_model_class
 
     dst = tmp_path / "gpt2ish"
     shutil.copytree(tiny_model_dir, dst)
@@ -206,7 +206,7 @@ def test_missing_weight_is_an_error(tiny_model_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from paged_engine.loader import load_model
+    from paged_engine.model_executor.loader import load_model
     from transformers import AutoConfig
 
     dst = tmp_path / "broken"
@@ -221,7 +221,7 @@ def test_missing_weight_is_an_error(tiny_model_dir, tmp_path):
 def test_dummy_load_format_has_checkpoint_shapes(tiny_model_dir):
     from transformers import AutoConfig
 
-    from paged_engine.loader import load_model
+    from paged_engine.model_executor.loader import load_model
 
     hf_config = AutoConfig.from_pretrained(tiny_model_dir)
     real = load_model(tiny_model_dir, hf_config, torch.float32, "cpu")
@@ -233,12 +233,12 @@ def test_dummy_load_format_has_checkpoint_shapes(tiny_model_dir):
         assert not torch.equal(p, real_params[name]), name
 
 
-def test_triton_kernel_path_in_interpreter(make_model, monkeypatch):
+def test_triton_kernel_path_in_interpreter(make_model):
     """The exact launcher calls made on CUDA (strided q/k views, out= slices, decode/prefill split,
     max_seqlen_q), run by Triton's CPU interpreter: same logits as the *_ref path."""
     import os
 
-    from paged_engine import attention
+    from paged_triton.kernels.ops import triton_on_cpu
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
@@ -247,28 +247,28 @@ def test_triton_kernel_path_in_interpreter(make_model, monkeypatch):
     a, b, c = _prompts(runner.vocab_size, lengths=(9, 6, 3), seed=3)
 
     def step():
-        return runner.compute_chunk_logits([
+        return runner.compute_logits(batch([
             chunk(0, a[4:], 4, [7, 2, 9]),  # a later prefill chunk (prefix already cached)
             chunk(1, b[-1:], 5, [4, 11]),  # a decode
             chunk(2, c, 0, [5]),  # a whole short prompt
-        ])
+        ]))
 
-    runner.compute_chunk_logits([chunk(0, a[:4], 0, [7, 2, 9]), chunk(1, b[:5], 0, [4, 11])])
+    runner.compute_logits(batch([chunk(0, a[:4], 0, [7, 2, 9]), chunk(1, b[:5], 0, [4, 11])]))
     want = step()
-    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)
-    got = step()
+    with triton_on_cpu():
+        got = step()
     for g, w in zip(got, want):
         _assert_close(g, w, "triton vs ref")
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", ATOL), ("float16", 2e-2)])
-def test_triton_kernel_path_with_strided_qkv_views(tiny_model_dir, monkeypatch, dtype, atol):
+def test_triton_kernel_path_with_strided_qkv_views(tiny_model_dir, dtype, atol):
     """Llama has no q/k norm, so rotary and store_kvcache get the strided q/k/v views of the
     fused qkv output, as on CUDA. fp16 runs the 16-bit casts of every kernel (the interpreter's
     bf16 dots are unreliable, fp16 stands in for the GPU's bf16)."""
     import os
 
-    from paged_engine import attention
+    from paged_triton.kernels.ops import triton_on_cpu
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
@@ -279,13 +279,13 @@ def test_triton_kernel_path_with_strided_qkv_views(tiny_model_dir, monkeypatch, 
         for layer in runner.attention_layers:
             layer.k_cache.zero_()
             layer.v_cache.zero_()
-        first = runner.compute_chunk_logits([chunk(0, a[:5], 0, [7, 2, 9]), chunk(1, b[:5], 0, [4, 11])])
-        second = runner.compute_chunk_logits([chunk(0, a[5:], 5, [7, 2, 9]), chunk(1, b[5:], 5, [4, 11])])
+        first = runner.compute_logits(batch([chunk(0, a[:5], 0, [7, 2, 9]), chunk(1, b[:5], 0, [4, 11])]))
+        second = runner.compute_logits(batch([chunk(0, a[5:], 5, [7, 2, 9]), chunk(1, b[5:], 5, [4, 11])]))
         return first + second
 
     want = steps()
-    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)
-    got = steps()
+    with triton_on_cpu():
+        got = steps()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=atol, rtol=atol)
 
@@ -305,8 +305,8 @@ def test_bfloat16_model_from_float32_checkpoint(tiny_model_dir):
     assert bf16.model.model.rotary_emb.cos_sin_cache.dtype == torch.float32
     assert bf16.k_caches[0].dtype == torch.bfloat16
     (prompt,) = _prompts(bf16.vocab_size, lengths=(11,), seed=5)
-    (got,) = bf16.compute_chunk_logits([chunk(0, prompt, 0, [3, 1, 0])])
-    (want,) = fp32.compute_chunk_logits([chunk(0, prompt, 0, [3, 1, 0])])
+    (got,) = bf16.compute_logits(batch([chunk(0, prompt, 0, [3, 1, 0])]))
+    (want,) = fp32.compute_logits(batch([chunk(0, prompt, 0, [3, 1, 0])]))
     assert got.dtype == torch.float32
     (hf_bf16,) = _hf_logits(tiny_model_dir, [prompt], dtype=torch.bfloat16)
     ours_err, hf_err = (got - want).abs().max().item(), (hf_bf16 - want).abs().max().item()
@@ -327,13 +327,13 @@ def test_bfloat16_kernels_on_gpu_match_float32_reference(tiny_model_dir):
     (prompt,) = _prompts(512, lengths=(20,), seed=9)
     cpu = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=32))
     prompt = [t % cpu.vocab_size for t in prompt]
-    (want,) = cpu.compute_chunk_logits([chunk(0, prompt, 0, list(range(5)))])
+    (want,) = cpu.compute_logits(batch([chunk(0, prompt, 0, list(range(5)))]))
     gpu = ModelRunner(runner_config(tiny_model_dir, device="cuda", dtype="bfloat16", block_size=4,
                                     num_kv_blocks=32))
     table = [7, 2, 9, 4, 11]
-    pieces = gpu.compute_chunk_logits([chunk(0, prompt[:12], 0, table)])  # prefill kernel
+    pieces = gpu.compute_logits(batch([chunk(0, prompt[:12], 0, table)]))  # prefill kernel
     for pos in range(12, len(prompt)):  # decode kernel
-        pieces += gpu.compute_chunk_logits([chunk(0, prompt[pos:pos + 1], pos, table)])
+        pieces += gpu.compute_logits(batch([chunk(0, prompt[pos:pos + 1], pos, table)]))
     got = torch.cat(pieces).cpu()
     (hf_bf16,) = _hf_logits(tiny_model_dir, [prompt], dtype=torch.bfloat16)
     ours_err, hf_err = (got - want).abs().max().item(), (hf_bf16 - want).abs().max().item()

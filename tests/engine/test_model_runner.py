@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _runner_helpers import BlockAllocator, batch, chunk, runner_config
-from paged_engine.attention import forward_context
-from paged_engine.model_runner import ModelRunner, RunnerOutput
+from _runner_helpers import BlockAllocator, batch, chunk, runner_config, sampled, sampled_logprobs
+from paged_engine.model_executor.forward_context import forward_context
+from paged_engine.core.batch import ModelRunnerOutput
+from paged_engine.executor.model_runner import ModelRunner
 from paged_engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=100)
@@ -61,12 +62,12 @@ def _generate(runner, seqs, steps: int, chunk_budget: int):
         chunks = [s.next_chunk(chunk_budget) for s in seqs]
         # decodes and prefills mixed in arbitrary order: the runner must keep chunk order
         chunks = chunks[::-1]
-        out = runner.run(batch(chunks))
-        sampled = [c for c in chunks if c.do_sample]
-        assert len(out.sampled_token_ids) == len(sampled)
+        out = runner.execute_model(batch(chunks))
+        assert len(out.sampled_token_ids) == len(chunks)
         by_id = {s.seq_id: s for s in seqs}
-        for c, token in zip(sampled, out.sampled_token_ids):
-            by_id[c.seq_id].output.append(token)
+        for c, tokens in zip(chunks, out.sampled_token_ids):
+            assert len(tokens) == (1 if c.do_sample else 0)
+            by_id[c.seq_id].output.extend(tokens)
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -102,29 +103,31 @@ def test_run_output_follows_chunk_order_and_do_sample(tiny_model_dir):
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=64))
     a, b, c = _prompts(runner.vocab_size, (10, 6, 5), seed=1)
     # step 1: all prefills; A only partly (no sample)
-    out = runner.run(batch([chunk(0, a[:7], 0, [0, 1, 2], do_sample=False),
-                            chunk(1, b, 0, [10, 11]), chunk(2, c, 0, [20, 21])]))
-    assert len(out.sampled_token_ids) == 2
-    tb, tc = out.sampled_token_ids
+    out = runner.execute_model(batch([chunk(0, a[:7], 0, [0, 1, 2], do_sample=False),
+                                      chunk(1, b, 0, [10, 11]), chunk(2, c, 0, [20, 21])]))
+    assert [len(t) for t in out.sampled_token_ids] == [0, 1, 1]
+    assert [len(lp) for lp in out.logprobs] == [0, 1, 1]
+    tb, tc = sampled(out)
     # step 2: decodes listed after a prefill chunk; output must follow the chunk order
-    out2 = runner.run(batch([chunk(0, a[7:], 7, [0, 1, 2]),
-                             chunk(2, [tc], 5, [20, 21], prompt_token_ids=c, output_token_ids=[tc]),
-                             chunk(1, [tb], 6, [10, 11], prompt_token_ids=b, output_token_ids=[tb])]))
-    assert isinstance(out2, RunnerOutput) and len(out2.sampled_token_ids) == 3
+    out2 = runner.execute_model(batch([
+        chunk(0, a[7:], 7, [0, 1, 2], prompt_token_ids=a),
+        chunk(2, [tc], 5, [20, 21], prompt_token_ids=c, output_token_ids=[tc]),
+        chunk(1, [tb], 6, [10, 11], prompt_token_ids=b, output_token_ids=[tb])]))
+    assert isinstance(out2, ModelRunnerOutput) and [len(t) for t in out2.sampled_token_ids] == [1, 1, 1]
     # the same, each alone (fresh blocks): the same tokens
     alone = [
-        runner.run(batch([chunk(0, a, 0, [30, 31, 32])])).sampled_token_ids[0],
-        runner.run(batch([chunk(2, c + [tc], 0, [40, 41])])).sampled_token_ids[0],
-        runner.run(batch([chunk(1, b + [tb], 0, [50, 51])])).sampled_token_ids[0],
+        sampled(runner.execute_model(batch([chunk(0, a, 0, [30, 31, 32])])))[0],
+        sampled(runner.execute_model(batch([chunk(2, c + [tc], 0, [40, 41])])))[0],
+        sampled(runner.execute_model(batch([chunk(1, b + [tb], 0, [50, 51])])))[0],
     ]
-    assert out2.sampled_token_ids == alone
-    assert runner.run(batch([])).sampled_token_ids == []
+    assert sampled(out2) == alone
+    assert runner.execute_model(batch([])).sampled_token_ids == []
 
 
 def test_block_table_too_short_is_an_error(tiny_model_dir):
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16))
     with pytest.raises(ValueError, match="block table"):
-        runner.run(batch([chunk(0, list(range(3, 12)), 0, [0, 1])]))
+        runner.execute_model(batch([chunk(0, list(range(3, 12)), 0, [0, 1])]))
 
 
 def test_seeded_sampling_same_alone_and_in_batch(tiny_model_dir):
@@ -151,19 +154,20 @@ def test_logprobs_through_the_runner(tiny_model_dir):
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16))
     (prompt,) = _prompts(runner.vocab_size, (6,), seed=5)
     c = chunk(0, prompt, 0, [0, 1], SamplingParams(temperature=0.0, logprobs=3))
-    (logits,) = runner.compute_chunk_logits([chunk(0, prompt, 0, [2, 3])])
+    (logits,) = runner.compute_logits(batch([chunk(0, prompt, 0, [2, 3])]))
     raw = torch.log_softmax(logits[-1], -1)
-    out = runner.run(batch([c]))
-    (lp,) = out.logprobs
-    assert out.sampled_token_ids == [int(raw.argmax())]
+    out = runner.execute_model(batch([c]))
+    ((lp,),) = out.logprobs
+    assert out.sampled_token_ids == [[int(raw.argmax())]]
     assert lp.rank == 1 and lp.logprob == pytest.approx(raw.max().item(), abs=1e-5)
     assert [t for t, _ in lp.top] == raw.topk(3).indices.tolist()
 
 
 def test_dummy_load_format_runs(tiny_model_dir):
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=16, load_format="dummy"))
-    out = runner.run(batch([chunk(0, [3, 4, 5], 0, [0])]))
-    assert len(out.sampled_token_ids) == 1 and 0 <= out.sampled_token_ids[0] < runner.vocab_size
+    out = runner.execute_model(batch([chunk(0, [3, 4, 5], 0, [0])]))
+    ((token,),) = out.sampled_token_ids
+    assert 0 <= token < runner.vocab_size
 
 
 class _EagerGraph:
@@ -204,9 +208,9 @@ def test_graph_replay_bookkeeping_matches_eager(tiny_model_dir):
         results = []
         for _ in range(5):
             chunks = [s.next_chunk(16) for s in seqs]
-            out = runner.run(batch(chunks))
-            results.append((out.sampled_token_ids, [lp.logprob for lp in out.logprobs]))
-            for s, t in zip(seqs, out.sampled_token_ids):
+            out = runner.execute_model(batch(chunks))
+            results.append((sampled(out), [lp.logprob for lp in sampled_logprobs(out)]))
+            for s, t in zip(seqs, sampled(out)):
                 s.output.append(t)
         return results
 
@@ -230,8 +234,8 @@ def _fake_cuda_memory(monkeypatch, runner, *, total_bytes, used_bytes, activatio
     """Stand-ins for the torch.cuda memory calls of the profile, so it runs on CPU: `used_bytes`
     in use after the profile, a peak of scratch cache + `activation_bytes` above the baseline."""
     baseline = 12345
-    chunks = runner._profile_chunks()
-    blocks = sum(len(c.block_table) for c in chunks)
+    profile = runner._profile_batch()
+    blocks = sum(len(s.new.block_ids) for s in profile.seqs)
     elem = torch.empty((), dtype=runner.dtype).element_size()
     scratch = 2 * blocks * runner.block_size * runner.num_kv_heads * runner.head_dim * elem
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
@@ -240,7 +244,7 @@ def _fake_cuda_memory(monkeypatch, runner, *, total_bytes, used_bytes, activatio
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: baseline)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: baseline + scratch + activation_bytes)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (total_bytes - used_bytes, total_bytes))
-    return chunks
+    return profile
 
 
 def test_memory_profile_runs_the_largest_step_and_sizes_the_cache(tiny_model_dir, monkeypatch):
@@ -249,21 +253,22 @@ def test_memory_profile_runs_the_largest_step_and_sizes_the_cache(tiny_model_dir
     sampler stage on) through model and sampler, and turns what is left into blocks."""
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=8, max_num_seqs=5,
                                        max_num_batched_tokens=47, gpu_memory_utilization=0.5))
-    chunks = _fake_cuda_memory(monkeypatch, runner, total_bytes=1 << 30, used_bytes=100 << 20,
-                               activation_bytes=30 << 20)
-    assert [len(c.token_ids) for c in chunks] == [10, 10, 9, 9, 9]
-    assert all(c.do_sample and len(c.block_table) == -(-len(c.token_ids) // 4) for c in chunks)
+    profile = _fake_cuda_memory(monkeypatch, runner, total_bytes=1 << 30, used_bytes=100 << 20,
+                                activation_bytes=30 << 20)
+    assert [s.num_tokens for s in profile.seqs] == [10, 10, 9, 9, 9]
+    assert all(s.do_sample and len(s.new.block_ids) == -(-s.num_tokens // 4) for s in profile.seqs)
     seen = []
-    run_chunks = runner._run_chunks
+    execute = runner._execute
 
-    def spy(chunks, use_graph):
-        out = run_chunks(chunks, use_graph)
-        seen.append((len(chunks), use_graph, len(out.sampled_token_ids), len(out.logprobs[0].top)))
+    def spy(batch, use_graph):
+        out = execute(batch, use_graph)
+        seen.append((len(batch.seqs), use_graph, len(sampled(out)), len(sampled_logprobs(out)[0].top)))
         return out
 
-    monkeypatch.setattr(runner, "_run_chunks", spy)
+    monkeypatch.setattr(runner, "_execute", spy)
     num_blocks = runner._profile_num_kv_blocks()
     assert seen == [(5, False, 5, 20)]  # every sequence sampled, with the most logprobs
+    assert len(runner.states) == 0  # the profile's sequences are forgotten
     assert num_blocks == int(((1 << 30) * 0.5 - (100 << 20) - (30 << 20)) // runner.kv_block_bytes)
     assert all(layer.k_cache is None and layer.v_cache is None for layer in runner.attention_layers)
 
@@ -303,9 +308,9 @@ def test_cuda_profiling_and_graphs_match_eager(tiny_model_dir):
         steps = []
         for _ in range(6):
             chunks = [s.next_chunk(64) for s in seqs]
-            out = runner.run(batch(chunks))
-            steps.append((out.sampled_token_ids, [lp.logprob for lp in out.logprobs]))
-            for s, t in zip(seqs, out.sampled_token_ids):
+            out = runner.execute_model(batch(chunks))
+            steps.append((sampled(out), [lp.logprob for lp in sampled_logprobs(out)]))
+            for s, t in zip(seqs, sampled(out)):
                 s.output.append(t)
         results.append(steps)
         runner.shutdown()
@@ -318,7 +323,7 @@ def test_cuda_profiling_and_graphs_match_eager(tiny_model_dir):
         assert s.output == _hf_greedy(tiny_model_dir, s.prompt, len(s.output))
 
 
-def test_cuda_graph_capture_path_makes_no_host_sync(tiny_model_dir, monkeypatch):
+def test_cuda_graph_capture_path_makes_no_host_sync(tiny_model_dir, monkeypatch, triton_kernels_on_cpu):
     """`_capture_cuda_graphs` on CPU, with stand-ins for torch.cuda.CUDAGraph / torch.cuda.graph
     and the Triton launchers in the interpreter (the calls made on CUDA): inside the captured
     region nothing may read a tensor on the host (.item(), .tolist(), bool(), ...), upload with
@@ -330,11 +335,8 @@ def test_cuda_graph_capture_path_makes_no_host_sync(tiny_model_dir, monkeypatch)
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    from paged_engine import attention
-
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
-    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)
     runner = ModelRunner(runner_config(tiny_model_dir, block_size=4, num_kv_blocks=64, max_num_seqs=3))
     state = {"capturing": False, "in_kernel": 0}
     pools = []
@@ -416,9 +418,9 @@ def test_run_makes_the_runner_gpu_current_on_the_calling_thread(tiny_model_dir, 
 
     seen = []
     monkeypatch.setattr(torch.cuda, "device", fake_device)
-    monkeypatch.setattr(runner, "_run_chunks", lambda chunks, use_graph: seen.append(current["device"]))
+    monkeypatch.setattr(runner, "_execute", lambda batch, use_graph: seen.append(current["device"]))
     runner.device = torch.device("cuda", 1)  # only the guard looks at it here
-    runner.run(batch([chunk(0, [3, 4], 0, [0])]))
+    runner.execute_model(batch([chunk(0, [3, 4], 0, [0])]))
     assert seen == [torch.device("cuda", 1)] and current["device"] is None
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from paged_engine.sampler import (
+from paged_engine.executor.sampler import (
     Sampler,
     apply_min_p,
     apply_penalties,
@@ -22,7 +22,10 @@ EOS = 1
 
 
 def _req(params: SamplingParams, prompt=(5, 6, 7), output=()):
-    return SimpleNamespace(params=params, prompt_token_ids=list(prompt), output_token_ids=list(output))
+    # The engine's private copy, as the runner gets it: all_stop_token_ids holds EOS (unless
+    # ignore_eos) beside stop_token_ids.
+    return SimpleNamespace(params=params._for_engine(frozenset({EOS})), prompt_token_ids=list(prompt),
+                           output_token_ids=list(output))
 
 
 def _logits(rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
@@ -30,7 +33,7 @@ def _logits(rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
 
 
 def _sampler(seed: int = 0, vocab: int = VOCAB) -> Sampler:
-    return Sampler(vocab, "cpu", seed=seed, eos_token_ids=[EOS])
+    return Sampler(vocab, "cpu", seed=seed)
 
 
 # ------------------------------------------------------------------ the ops, one by one
@@ -236,3 +239,31 @@ def test_logprobs_are_raw_log_softmax_with_rank_and_top_n():
     assert out.logprobs[2].top == []
     # the penalty moved the greedy choice off the raw argmax: rank > 1, logprob still raw
     assert out.token_ids[0] != int(logits[0].argmax()) and out.logprobs[0].rank > 1
+
+
+def test_logit_bias_shifts_the_logits_and_not_the_logprobs():
+    logits = _logits(3, seed=11)
+    raw = torch.log_softmax(logits, -1)
+    low = int(logits[0].argmin())
+    reqs = [
+        _req(SamplingParams(temperature=0.0, logit_bias={low: 100.0})),
+        _req(SamplingParams(temperature=0.0, logit_bias={str(int(logits[1].argmax())): -100})),
+        _req(SamplingParams(temperature=0.0)),
+    ]
+    out = _sampler()(logits, reqs)
+    second = sorted(range(VOCAB), key=lambda t: -logits[1, t].item())[1]
+    assert out.token_ids == [low, second, int(logits[2].argmax())]
+    assert out.logprobs[0].logprob == pytest.approx(raw[0, low].item(), abs=1e-5)
+    # sampled rows: a +100 bias makes the token certain
+    target = int(logits[2].argmin())
+    p = SamplingParams(temperature=1.0, logit_bias={target: 100.0})
+    many = _sampler(seed=3)(logits[2:3].expand(50, VOCAB).clone(), [_req(p)] * 50)
+    assert many.token_ids == [target] * 50
+
+
+def test_logit_bias_validation():
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert SamplingParams(logit_bias='{"3": 1.5, "3 ": 0.5}').logit_bias == {3: 2.0}
+    for bad in ({"-1": 1.0}, {"x": 1.0}, {"3": float("nan")}, {"3": float("inf")}, [1, 2]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -82,8 +82,11 @@ def test_engine_config_defaults_and_resolution(tiny_model_dir):
     c = EngineConfig(model=tiny_model_dir)
     assert c.device == "cpu"  # no CUDA here
     assert c.dtype == "float32"  # auto on CPU
-    assert c.block_size == 16 and c.num_kv_blocks is None and c.max_num_seqs == 256
-    assert c.max_num_batched_tokens == 8192 and c.enable_prefix_caching and c.seed == 0
+    # the CPU scheduling defaults (GPU: 256 sequences, 8192 tokens)
+    assert c.block_size == 16 and c.num_kv_blocks is None and c.max_num_seqs == 128
+    assert c.max_num_batched_tokens == 2048 and c.enable_prefix_caching and c.seed == 0
+    explicit = EngineConfig(model=tiny_model_dir, max_num_seqs=300, max_num_batched_tokens="9000")
+    assert explicit.max_num_seqs == 300 and explicit.max_num_batched_tokens == 9000
     assert c.max_model_len == c.hf_config.max_position_embeddings
     assert c.tokenizer == tiny_model_dir
     assert EngineConfig(model=tiny_model_dir, dtype="bf16").dtype == "bfloat16"
@@ -113,7 +116,7 @@ def test_engine_config_from_dict(tiny_model_dir):
     c = EngineConfig.from_dict({"model": tiny_model_dir, "block_size": "8", "enable_prefix_caching": "false",
                                 "gpu_memory_utilization": "0.5", "num_kv_blocks": "12"})
     assert (c.block_size, c.enable_prefix_caching, c.gpu_memory_utilization, c.num_kv_blocks) == (8, False, 0.5, 12)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineConfig.from_dict({"model": tiny_model_dir, "tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        EngineConfig.from_dict({"model": tiny_model_dir, "pipeline_parallel_size": 2})
     with pytest.raises(ValueError, match="model"):
         EngineConfig.from_dict({"block_size": 8})

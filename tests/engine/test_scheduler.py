@@ -25,7 +25,7 @@ def test_scheduler_module_is_torch_free():
     import sys
 
     code = (
-        "import sys; import paged_engine.scheduler, paged_engine.block_manager, paged_engine.sequence; "
+        "import sys; import paged_engine.core.scheduler, paged_engine.core.block_manager, paged_engine.core.sequence; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -37,7 +37,7 @@ def test_chunked_prefill_respects_budget_and_mixes_decodes(tiny_model_dir):
     engine.step()  # "short" prefilled, now decoding
     engine.add_request("long", prompt_token_ids=ids(30, 1), params=greedy(2))
     finals = run_to_completion(engine, check=check_block_invariants)
-    batches = engine.runner.batches
+    batches = engine.executor.batches
     assert all(total <= 8 for total, _ in batches)
     long_chunks = [(start, n) for _, rec in batches for sid, start, n, _ in rec if n > 1 and start > 0]
     assert long_chunks, "the long prompt was not chunked"

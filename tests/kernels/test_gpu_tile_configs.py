@@ -8,18 +8,17 @@ spanning several cache blocks, query tiles larger than the chunk, the causal dia
 tile, multi-tile contexts and splits. num_warps / num_stages are ignored by the interpreter.
 """
 
-import importlib
 
 import pytest
 import torch
 
-from kernels import paged_decode_attention_ref, paged_prefill_attention_ref
+from paged_triton.kernels import paged_decode_attention as decode_mod, paged_prefill_attention as prefill_mod
+from paged_triton.kernels.paged_decode_attention import paged_decode_attention_ref
+from paged_triton.kernels.paged_prefill_attention import paged_prefill_attention_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-prefill_mod = importlib.import_module("kernels.paged_prefill_attention")
-decode_mod = importlib.import_module("kernels.paged_decode_attention")
 
 
 @pytest.fixture

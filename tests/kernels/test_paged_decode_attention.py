@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import DecodeWorkspace, choose_num_splits, paged_decode_attention, paged_decode_attention_ref
+from paged_triton.kernels.paged_decode_attention import DecodeWorkspace, choose_num_splits, paged_decode_attention, paged_decode_attention_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -54,6 +54,58 @@ def test_decode_kernel_matches_ref(case, make_paged_kv):
     assert not out.isnan().any(), f"unwritten outputs (seed {kv.seed})"
     ref = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"seed {kv.seed}: {m}")
+
+
+# (dtype, group, head_dim, block_size, context_lens, num_splits, sliding_window, softcap): windows of
+# one key, below one block, across key tiles and longer than the context; Gemma's head_dim 256.
+WINDOW_CASES = [
+    (torch.float32, 2, 32, 4, [1, 5, 17, 40], None, 7, None),
+    (torch.float32, 4, 64, 16, [300, 33], 4, 100, None),  # the splits divide the window's tiles
+    (torch.float32, 1, 64, 16, [100, 3], 1, 1, 5.0),
+    (torch.float32, 2, 256, 16, [50, 16], 2, 20, 50.0),  # Gemma 2: head_dim 256, window + soft cap
+    (torch.float16, 4, 64, 8, [70, 9], 2, 16, 10.0),
+    (torch.float32, 1, 64, 16, [20, 2], None, 4096, None),  # window longer than every context
+    (torch.float32, 2, 32, 4, [37, 1], 3, None, 30.0),  # soft cap alone
+]
+
+
+@pytest.mark.parametrize(
+    "case", WINDOW_CASES,
+    ids=[f"{_ids(c[:6])}-w{c[6]}-cap{c[7]}" for c in WINDOW_CASES],
+)
+def test_decode_kernel_sliding_window_and_softcap_match_ref(case, make_paged_kv):
+    dtype, group, head_dim, block_size, lens, num_splits, window, softcap = case
+    num_kv_heads = 2
+    kv = make_paged_kv(lens, num_kv_heads, head_dim, block_size, dtype)
+    q = torch.randn(len(lens), group * num_kv_heads, head_dim).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, head_dim**-0.5)
+    paged_decode_attention(*args, out, num_splits, sliding_window=window, softcap=softcap)
+    assert not out.isnan().any(), f"unwritten outputs (seed {kv.seed})"
+    ref = paged_decode_attention_ref(*args, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"seed {kv.seed}: {m}")
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (1, None), (40, 20.0), (None, 2.0)])
+def test_decode_ref_window_and_softcap_match_plain_math(window, softcap, make_paged_kv):
+    """The ref against a per-sequence softmax written out by hand (transformers' eager attention:
+    scores * scale, tanh soft cap, the last `window` keys)."""
+    lens, num_kv_heads, group, head_dim = [1, 15, 17, 60], 2, 2, 32
+    kv = make_paged_kv(lens, num_kv_heads, head_dim, 8, torch.float32)
+    q = torch.randn(len(lens), group * num_kv_heads, head_dim)
+    scale = head_dim**-0.5
+    ref = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale,
+                                     sliding_window=window, softcap=softcap)
+    for i, n in enumerate(lens):
+        k, v = kv.gather(i)
+        first = 0 if window is None else max(0, n - window)
+        k = k[first:].transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, keys, d]
+        v = v[first:].transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = (k @ q[i][:, :, None])[..., 0] * scale  # [heads, keys]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        expected = (scores.softmax(-1)[:, None, :] @ v)[:, 0]
+        torch.testing.assert_close(ref[i], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -127,6 +179,9 @@ def _valid_args(dtype=torch.float32):
         (dict(out=torch.empty(2, 4, 63)), "out must be"),
         (dict(num_splits=0), "num_splits must be >= 1"),
         (dict(num_splits=4, workspace=DecodeWorkspace.allocate(2, 4, 64, 2, "cpu")), "workspace too small"),
+        (dict(sliding_window=0), "sliding_window must be a positive integer"),
+        (dict(sliding_window=2.5), "sliding_window must be a positive integer"),
+        (dict(softcap=0.0), "softcap must be > 0"),
     ],
 )
 def test_decode_launcher_rejects_bad_input(change, message):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import paged_prefill_attention, paged_prefill_attention_ref, store_kvcache
+from paged_triton.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from paged_triton.kernels.store_kvcache import store_kvcache
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -51,6 +52,59 @@ def test_prefill_kernel_matches_ref(case, make_paged_kv):
     assert not out.isnan().any(), f"unwritten outputs (seed {kv.seed})"
     ref = paged_prefill_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, scale)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"seed {kv.seed}: {m}")
+
+
+# (dtype, group, head_dim, block_size, [(context_len, chunk_len), ...], sliding_window, softcap):
+# windows of one key, below one block, spanning the start/unmasked/diagonal tile ranges of long
+# chunks, longer than the context; a later chunk whose window starts inside its cached prefix.
+WINDOW_CASES = [
+    (torch.float32, 2, 32, 4, [(1, 1), (20, 20), (45, 13), (9, 2)], 7, None),
+    (torch.float32, 1, 64, 16, [(100, 100), (70, 30)], 33, None),
+    (torch.float32, 1, 64, 16, [(100, 100), (70, 30)], 1, None),
+    (torch.float32, 1, 64, 16, [(130, 130), (200, 17)], 60, 3.0),
+    (torch.float32, 2, 256, 16, [(40, 40), (50, 9)], 20, 50.0),  # Gemma 2: head_dim 256
+    (torch.float16, 4, 64, 8, [(64, 40), (9, 9)], 16, 10.0),
+    (torch.float32, 2, 32, 4, [(30, 30)], 4096, None),  # window longer than the context
+    (torch.float32, 2, 32, 4, [(30, 30), (12, 5)], None, 30.0),  # soft cap alone
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[f"{_ids(c[:5])}-w{c[5]}-cap{c[6]}" for c in WINDOW_CASES])
+def test_prefill_kernel_sliding_window_and_softcap_match_ref(case, make_paged_kv):
+    dtype, group, head_dim, block_size, seqs, window, softcap = case
+    num_kv_heads = 2
+    kv = make_paged_kv([c for c, _ in seqs], num_kv_heads, head_dim, block_size, dtype)
+    cu = _cu_seqlens([n for _, n in seqs])
+    q = torch.randn(int(cu[-1]), group * num_kv_heads, head_dim).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, head_dim**-0.5)
+    paged_prefill_attention(*args, out, sliding_window=window, softcap=softcap)
+    assert not out.isnan().any(), f"unwritten outputs (seed {kv.seed})"
+    ref = paged_prefill_attention_ref(*args, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype], msg=lambda m: f"seed {kv.seed}: {m}")
+
+
+@pytest.mark.parametrize("window", [1, 6, 40])
+def test_prefill_ref_sliding_window_matches_sdpa(window, make_paged_kv):
+    """The ref against SDPA with transformers' sliding-window mask: key j visible to query i when
+    i - window < j <= i (positions in the sequence)."""
+    seqs = [(1, 1), (17, 17), (60, 25)]
+    num_kv_heads, group, head_dim = 2, 2, 32
+    kv = make_paged_kv([c for c, _ in seqs], num_kv_heads, head_dim, 8, torch.float32)
+    cu = _cu_seqlens([n for _, n in seqs])
+    q = torch.randn(int(cu[-1]), group * num_kv_heads, head_dim)
+    ref = paged_prefill_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, cu, kv.context_lens, 0.2,
+                                      sliding_window=window)
+    for i, (context_len, chunk_len) in enumerate(seqs):
+        k, v = kv.gather(i)
+        k = k.transpose(0, 1).repeat_interleave(group, dim=0)
+        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        qi = q[cu[i] : cu[i + 1]].transpose(0, 1)
+        q_pos = torch.arange(context_len - chunk_len, context_len)[:, None]
+        keys = torch.arange(context_len)[None, :]
+        visible = (keys <= q_pos) & (keys > q_pos - window)
+        expected = F.scaled_dot_product_attention(qi, k, v, attn_mask=visible, scale=0.2).transpose(0, 1)
+        torch.testing.assert_close(ref[cu[i] : cu[i + 1]], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("group, head_dim", [(1, 64), (4, 128), (8, 64)])
@@ -141,6 +195,8 @@ def _valid_args():
         (dict(cu_seqlens_q=torch.tensor([0, 0, 2, 0, 5, 0], dtype=torch.int32)[::2]), "cu_seqlens_q must be contiguous"),
         (dict(context_lens=torch.tensor([2, 0, 9, 0], dtype=torch.int32)[::2]), "context_lens must be contiguous"),
         (dict(out=torch.empty(5, 4, 64, dtype=torch.float16)), "out must be"),
+        (dict(sliding_window=-3), "sliding_window must be a positive integer"),
+        (dict(softcap=-1.0), "softcap must be > 0"),
     ],
 )
 def test_prefill_launcher_rejects_bad_input(change, message):

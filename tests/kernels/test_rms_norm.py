@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels import rms_norm, rms_norm_ref
+from paged_triton.kernels.rms_norm import rms_norm, rms_norm_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -57,6 +57,38 @@ def test_rms_norm_ref_matches_transformers(dtype):
         torch.testing.assert_close(rms_norm_ref(x, norm.weight, eps), norm(x), atol=0, rtol=0)
         out, new_residual = rms_norm_ref(x, norm.weight, eps, residual)
         torch.testing.assert_close(new_residual, x + residual, atol=0, rtol=0)
+        torch.testing.assert_close(out, norm(x + residual), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, with_residual",
+    [(torch.float32, (7, 64), True), (torch.float16, (3, 5, 96), False), (torch.bfloat16, (4, 256), True)],
+)
+def test_gemma_rms_norm_matches_ref(dtype, shape, with_residual):
+    x = torch.randn(shape).to(dtype)
+    weight = (0.1 * torch.randn(shape[-1])).to(dtype)  # stored as w - 1
+    residual = torch.randn(shape).to(dtype) if with_residual else None
+    got = rms_norm(x, weight, 1e-6, residual, unit_offset=True)
+    want = rms_norm_ref(x, weight, 1e-6, residual, unit_offset=True)
+    if with_residual:
+        torch.testing.assert_close(got[1], want[1], **TOL[dtype])
+        got, want = got[0], want[0]
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_ref_matches_transformers(dtype):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    hidden, eps = 256, 1e-6
+    norm = Gemma2RMSNorm(hidden, eps=eps).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(0.3 * torch.randn(hidden))
+    x = torch.randn(6, hidden).to(dtype)
+    residual = torch.randn(6, hidden).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(rms_norm_ref(x, norm.weight, eps, unit_offset=True), norm(x), atol=0, rtol=0)
+        out, _ = rms_norm_ref(x, norm.weight, eps, residual, unit_offset=True)
         torch.testing.assert_close(out, norm(x + residual), atol=0, rtol=0)
 
 

@@ -1,5 +1,6 @@
 """rotary_embedding (Triton, interpreter) vs. its torch ref; the ref and compute_cos_sin_cache vs.
-transformers' LlamaRotaryEmbedding (default, linear and llama3 rope) and apply_rotary_pos_emb.
+transformers' LlamaRotaryEmbedding (default, linear and llama3 rope) and apply_rotary_pos_emb, and
+Phi-3's LongRoPE with partial rotary.
 
 Tolerances: fp32 1e-5; fp16 one ulp (2e-3 at |x| ~ 4); bf16 one ulp (3e-2: the interpreter
 rounds fp32 -> bf16 toward zero, torch to nearest).
@@ -10,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from kernels import compute_cos_sin_cache, rotary_embedding, rotary_embedding_ref
+from paged_triton.kernels.rotary_embedding import compute_cos_sin_cache, rotary_embedding, rotary_embedding_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -103,6 +104,42 @@ def test_linear_rope_matches_transformers():
     cache = compute_cos_sin_cache(64, 4096, 10000.0, {"type": "linear", "factor": 4.0})
     freqs = positions[:, None].float() * inv_freq[None, :]
     torch.testing.assert_close(cache[positions], torch.cat((freqs.cos(), freqs.sin()), -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [100, 5000])
+def test_longrope_partial_rotary_matches_transformers_phi3(seq_len):
+    """Phi-3's rotary with LongRoPE and partial rotary (Phi-4-mini style, rotary_dim 3/4 of the
+    head): the short factors within the original 4096 positions, the long ones past it, the
+    attention factor on cos/sin, and the untouched tail of each head."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_apply
+
+    head_dim, rotary_dim = 64, 48
+    g = torch.Generator().manual_seed(0)
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": (1 + torch.rand(rotary_dim // 2, generator=g)).tolist(),
+        "long_factor": (1 + 20 * torch.rand(rotary_dim // 2, generator=g)).tolist(),
+        "partial_rotary_factor": rotary_dim / head_dim,
+    }
+    config = Phi3Config(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=32768, original_max_position_embeddings=4096,
+                        rope_parameters=dict(rope, rope_theta=10000.0))
+    hf = Phi3RotaryEmbedding(config)
+    positions = torch.arange(seq_len)
+    cos, sin = hf(torch.zeros(1), positions[None])  # long factors iff seq_len > 4096
+    scaling = dict(config.rope_parameters)
+    cache = compute_cos_sin_cache(head_dim, 32768, 10000.0, scaling, rotary_dim=rotary_dim,
+                                  use_long_factor=seq_len > 4096)
+    half = rotary_dim // 2
+    torch.testing.assert_close(cache[positions, :half], cos[0, :, :half], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cache[positions, half:], sin[0, :, :half], atol=1e-6, rtol=0)
+    q, k = torch.randn(seq_len, 4, head_dim), torch.randn(seq_len, 2, head_dim)
+    q_hf, k_hf = phi3_apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    rotary_embedding_ref(positions, q, k, cache)
+    torch.testing.assert_close(q, q_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_rejects_bad_input():

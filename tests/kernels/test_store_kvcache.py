@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from kernels import store_kvcache, store_kvcache_ref
+from paged_triton.kernels.store_kvcache import store_kvcache, store_kvcache_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 

@@ -66,7 +66,7 @@ def offline_llm(serving_model_dir):
 @pytest.fixture(scope="session")
 def triton(serving_model_dir, triton_server_factory, tmp_path_factory):
     """A started tritonserver serving paged_llm, preprocessing, postprocessing and ensemble."""
-    from paged_engine.serving.repository import prepare_model_repository
+    from paged_engine.deploy.repository import prepare_model_repository
 
     repo = prepare_model_repository(tmp_path_factory.mktemp("repo"), serving_model_dir,
                                     **ENGINE_ARGS)

@@ -16,18 +16,20 @@ import numpy as np
 EOS_PROMPT = "The quick brown fox"
 
 
-def _infer_input(name: str, value):
+def _array(value) -> np.ndarray:
+    if isinstance(value, str):
+        return np.array([value.encode("utf-8")], dtype=np.object_)
+    if isinstance(value, bool):
+        return np.array([value], dtype=np.bool_)
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        return np.array([v.encode("utf-8") for v in value], dtype=np.object_)
+    return np.asarray(value)
+
+
+def _infer_input(name: str, array: np.ndarray):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
-    if isinstance(value, str):
-        array = np.array([value.encode("utf-8")], dtype=np.object_)
-    elif isinstance(value, bool):
-        array = np.array([value], dtype=np.bool_)
-    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        array = np.array([v.encode("utf-8") for v in value], dtype=np.object_)
-    else:
-        array = np.asarray(value)
     datatype = "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype)
     tensor = grpcclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -35,8 +37,14 @@ def _infer_input(name: str, value):
 
 
 def inputs(**named) -> list:
-    """inputs(text_input="hi", stream=True, max_tokens=np.array([4], np.int32), ...)"""
-    return [_infer_input(k, v) for k, v in named.items() if v is not None]
+    """inputs(text_input="hi", stream=True, sampling_parameters=..., ...) for paged_llm."""
+    return [_infer_input(k, _array(v)) for k, v in named.items() if v is not None]
+
+
+def trt_inputs(**named) -> list:
+    """The same with TensorRT-LLM's batch dimension ([1, ...]) for the ensemble and
+    tensorrt_llm_bls: trt_inputs(text_input="hi", max_tokens=np.array([4], np.int32))."""
+    return [_infer_input(k, _array(v).reshape(1, -1)) for k, v in named.items() if v is not None]
 
 
 def sampling(**params) -> str:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from paged_engine.outputs import CompletionOutput, RequestOutput
+from paged_engine.output.request_output import CompletionOutput, RequestOutput
 from paged_engine.serving.engine_loop import EngineLoop
 from paged_engine.serving.request import ParsedRequest
 
@@ -62,6 +62,7 @@ class FakeEngine:
 class Params:
     def __init__(self, max_tokens):
         self.max_tokens = max_tokens
+        self.n = 1
 
 
 class FakeResponseSender:
@@ -229,9 +230,18 @@ class GatedSender(RecordingSender):
 class RecordingMetrics:
     def __init__(self):
         self.observed = []
+        self.finishes = []
+        self.token_latencies = []  # (per-bucket counts, sum, count) as published
 
     def observe(self, name, value):
         self.observed.append((name, value))
+
+    def finished(self, reason, observed):
+        self.finishes.append(reason)
+        self.observed.extend(observed.items())
+
+    def add_token_latencies(self, taken):
+        self.token_latencies.append(taken)
 
     def update_from_stats(self, stats):
         pass
@@ -257,9 +267,18 @@ def test_deltas_merge_while_the_previous_response_waits_and_nothing_is_lost(loop
     assert "".join(texts) == "x" * 40
     assert _finals(responses) == 1 and responses[-1][2]
     assert len(responses) < 40 and any(len(t) > 1 for t in texts)
-    # Per request, not per response: one time-per-output-token observation, the mean.
-    tpot = [v for n, v in metrics.observed if n == "vllm:time_per_output_token_seconds"]
+    # Per request, not per response: one request_time_per_output_token observation, the mean;
+    # and every token after the first binned once for the per-token histograms (published in a
+    # few messages, not one per token).
+    tpot = [v for n, v in metrics.observed if n == "vllm:request_time_per_output_token_seconds"]
     assert len(tpot) == 1 and tpot[0] > 0
+    deadline = time.monotonic() + 5
+    while sum(n for _, _, n in metrics.token_latencies) < 39 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(n for _, _, n in metrics.token_latencies) == 39
+    assert sum(sum(c) for c, _, _ in metrics.token_latencies) == 39
+    assert len(metrics.token_latencies) < 39
+    assert metrics.finishes == ["length"]
 
 
 def test_without_backlog_every_step_is_its_own_response(loop_factory):
@@ -288,7 +307,7 @@ def test_cancellation_polls_a_bounded_batch_round_robin(loop_factory):
 
 
 def test_a_merged_response_carries_both_steps_for_every_completion():
-    from paged_engine.outputs import Logprob
+    from paged_engine.output.request_output import Logprob
     from paged_engine.serving.engine_loop import _merge_outputs
     from paged_engine.serving.response import build_outputs
 
@@ -319,6 +338,37 @@ def test_a_non_streaming_request_observes_its_latencies_once(loop_factory):
     loop.submit(rs, _parsed(5, stream=False))
     (outputs, _, final), = sender.wait_final(rs)
     assert final and outputs["text_output"][0] == "xxxxx"
-    names = [n for n, _ in metrics.observed]
-    assert names.count("vllm:time_per_output_token_seconds") == 1
-    assert names.count("vllm:time_to_first_token_seconds") == 1
+    observed = dict(metrics.observed)
+    assert [n for n, _ in metrics.observed].count("vllm:time_to_first_token_seconds") == 1
+    assert observed["vllm:request_generation_tokens"] == 5
+    assert observed["vllm:request_max_num_generation_tokens"] == 5
+    assert observed["vllm:request_prompt_tokens"] == 1
+    assert observed["vllm:request_params_max_tokens"] == 5
+    assert observed["vllm:request_time_per_output_token_seconds"] > 0
+    assert metrics.finishes == ["length"]
+
+
+def test_prompt_logprobs_go_out_once_with_the_first_response():
+    """paged_llm's prompt_logprobs output (the OpenAI door's echo): every prompt token, the
+    first named with null logprob, the others as in `logprobs`; only on the first response."""
+    import json
+
+    from paged_engine.output.request_output import Logprob
+    from paged_engine.sampling_params import SamplingParams
+    from paged_engine.serving.response import build_outputs
+
+    prompt_lp = [None, {7: Logprob(-1.5, 3, " b"), 2: Logprob(-0.2, 1, " x")}]
+    output = RequestOutput("r", "a b", [4, 7], [CompletionOutput(0, [9], "c", new_token_ids=[9],
+                                                                 new_text="c")], False,
+                           prompt_logprobs=prompt_lp)
+    parsed = ParsedRequest(prompt="a b", prompt_token_ids=None,
+                           params=SamplingParams(prompt_logprobs=1), stream=True)
+    first = build_outputs(parsed, output, prompt_text="a b", first_response=True)
+    assert json.loads(first["prompt_logprobs"][0]) == [
+        {"4": {"logprob": None, "rank": None, "decoded_token": None}},
+        {"7": {"logprob": -1.5, "rank": 3, "decoded_token": " b"},
+         "2": {"logprob": -0.2, "rank": 1, "decoded_token": " x"}}]
+    later = build_outputs(parsed, output, prompt_text="a b", first_response=False)
+    assert "prompt_logprobs" not in later
+    plain = ParsedRequest(prompt="a b", prompt_token_ids=None, params=SamplingParams(), stream=True)
+    assert "prompt_logprobs" not in build_outputs(plain, output, prompt_text="a b")

@@ -4,7 +4,7 @@ and nothing is left behind in the engine (requests, KV blocks)."""
 import numpy as np
 import pytest
 
-from serving_client import inputs, run_one, sampling, wait_for_metric
+from serving_client import inputs, trt_inputs, run_one, sampling, wait_for_metric
 
 pytestmark = pytest.mark.server
 
@@ -34,9 +34,11 @@ BAD = {
 
 def _good(triton):
     stream = run_one(triton.grpc_url, "paged_llm", inputs(
-        text_input="Hello", stream=True, sampling_parameters=sampling(max_tokens=2)))
+        text_input="Hello", stream=True, sampling_parameters=sampling(max_tokens=2, ignore_eos=True),
+        return_num_output_tokens=True))
     assert stream.error is None, stream.error
-    assert stream.finals == 1 and len(stream.responses) == 2
+    assert stream.finals == 1
+    assert sum(int(v[0]) for v in stream.values("num_output_tokens")) == 2
     # Nothing leaked: no request left in the engine, no KV block held.
     wait_for_metric(triton.metrics_url, "vllm:num_requests_running", lambda v: v == 0)
     wait_for_metric(triton.metrics_url, "vllm:num_requests_waiting", lambda v: v == 0)
@@ -61,11 +63,11 @@ def test_wrong_tensor_type_is_rejected(triton):
 
 
 def test_ensemble_bad_input_errors(triton):
-    stream = run_one(triton.grpc_url, "ensemble", inputs(
+    stream = run_one(triton.grpc_url, "ensemble", trt_inputs(
         text_input="Hi", max_tokens=np.array([-3], np.int32)))
     assert stream.error is not None and "max_tokens" in stream.error
-    stream = run_one(triton.grpc_url, "ensemble", inputs(text_input=""))
+    stream = run_one(triton.grpc_url, "ensemble", trt_inputs(text_input=""))
     assert stream.error is not None and "empty" in stream.error
-    stream = run_one(triton.grpc_url, "ensemble", inputs(text_input="Hi", bad_words=["  "]))
+    stream = run_one(triton.grpc_url, "ensemble", trt_inputs(text_input="Hi", bad_words=["  "]))
     assert stream.error is not None and "bad_words" in stream.error
     _good(triton)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from paged_engine import SamplingParams
-from serving_client import EOS_PROMPT, inputs, run_one, sampling
+from serving_client import EOS_PROMPT, inputs, trt_inputs, run_one, sampling
 
 pytestmark = pytest.mark.server
 
@@ -97,13 +97,13 @@ def test_ensemble_bad_words(triton, offline_llm, base):
     expected = offline_llm.generate([PROMPT], SamplingParams(**GREEDY, bad_words=words))[0]
     assert expected.token_ids != base.token_ids[:len(expected.token_ids)], "no effect"
     for stream in (True, False):
-        s = run_one(triton.grpc_url, "ensemble", inputs(
+        s = run_one(triton.grpc_url, "ensemble", trt_inputs(
             text_input=PROMPT, stream=stream, max_tokens=np.array([16], np.int32),
             temperature=np.array([0.0], np.float32), bad_words=words + [""],
             exclude_input_in_output=True, return_log_probs=True))
         assert s.error is None, s.error
         assert s.text() == expected.text, stream
-        log_probs = np.concatenate(s.values("output_log_probs"))
+        log_probs = np.concatenate([v.reshape(-1) for v in s.values("output_log_probs")])
         assert len(log_probs) == len(expected.token_ids)
 
 
@@ -111,7 +111,7 @@ def test_ensemble_stop_words_and_end_id(triton, offline_llm, base):
     stop = base.text[3:5] if base.text[3:5].strip() else base.text[5:7]
     expected = offline_llm.generate([PROMPT], SamplingParams(**GREEDY, ignore_eos=True,
                                                              stop=[stop]))[0]
-    s = run_one(triton.grpc_url, "ensemble", inputs(
+    s = run_one(triton.grpc_url, "ensemble", trt_inputs(
         text_input=PROMPT, stream=True, max_tokens=np.array([16], np.int32),
         temperature=np.array([0.0], np.float32), stop_words=[stop]))
     assert s.error is None, s.error
@@ -120,12 +120,12 @@ def test_ensemble_stop_words_and_end_id(triton, offline_llm, base):
 
     token = base.token_ids[4]
     expected = offline_llm.generate([PROMPT], SamplingParams(**GREEDY, stop_token_ids=[token]))[0]
-    s = run_one(triton.grpc_url, "ensemble", inputs(
+    s = run_one(triton.grpc_url, "ensemble", trt_inputs(
         text_input=PROMPT, stream=True, max_tokens=np.array([16], np.int32),
         temperature=np.array([0.0], np.float32), end_id=np.array([token], np.int32),
         return_log_probs=True))
     assert s.error is None, s.error
     assert s.text() == expected.text
     # return_log_probs: one logprob per generated token, all <= 0.
-    log_probs = np.concatenate(s.values("output_log_probs"))
+    log_probs = np.concatenate([v.reshape(-1) for v in s.values("output_log_probs")])
     assert len(log_probs) == len(expected.token_ids) and (log_probs <= 0).all()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from paged_engine import SamplingParams
-from serving_client import inputs, run_one, sampling
+from serving_client import inputs, trt_inputs, run_one, sampling
 
 pytestmark = pytest.mark.server
 
@@ -60,7 +60,7 @@ def test_paged_llm_stream_equals_offline(triton, reference):
 def test_ensemble_stream_equals_offline(triton, reference):
     by_prompt, prompt = reference
     expected = by_prompt[prompt]
-    stream = run_one(triton.grpc_url, "ensemble", inputs(
+    stream = run_one(triton.grpc_url, "ensemble", trt_inputs(
         text_input=prompt, stream=True, max_tokens=np.array([MAX_TOKENS], np.int32),
         temperature=np.array([0.0], np.float32)))
     assert stream.error is None, stream.error
@@ -82,7 +82,7 @@ def test_non_streaming_is_one_response(triton, reference):
     assert int(stream.responses[0]["num_input_tokens"][0]) == len(expected.prompt_token_ids)
     assert int(stream.responses[0]["num_output_tokens"][0]) == len(expected.token_ids)
 
-    excluded = run_one(triton.grpc_url, "ensemble", inputs(
+    excluded = run_one(triton.grpc_url, "ensemble", trt_inputs(
         text_input=prompt, max_tokens=np.array([MAX_TOKENS], np.int32),
         temperature=np.array([0.0], np.float32), exclude_input_in_output=True))
     assert excluded.error is None, excluded.error

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from paged_engine import LLMEngine, SamplingParams
-from paged_engine.detokenizer import decode_window
+from paged_engine.output.detokenizer import decode_window
 from paged_engine.serving.request import ParsedRequest
 from paged_engine.serving.response import TextWindow, build_outputs
 
@@ -93,3 +93,50 @@ def test_windows_reproduce_deltas(engine):
     finals_whole = _run(engine, requests, stream=False)
     assert len(finals_whole) == len(requests)
     assert np.any([f.outputs[0].finish_reason == "stop" for f in finals.values()])
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece"])
+def spec_engine(request, make_model):
+    """The same model drafting for itself: nearly every step emits k + 1 tokens at once."""
+    model = make_model("llama", request.param)
+    eng = LLMEngine(model, num_kv_blocks=64, max_model_len=256, speculative_config={
+        "method": "draft_model", "model": model, "num_speculative_tokens": 4})
+    yield eng
+    eng.shutdown()
+
+
+def test_windows_cover_multi_token_steps(spec_engine):
+    """With speculative decoding a step emits several tokens; its window reproduces all of
+    their text (no fallback to a reaching-back window: `_run` fails on any mismatch)."""
+    base = _run(spec_engine, [(p, SamplingParams(max_tokens=12, temperature=0.0)) for p in PROMPTS])
+    requests = []
+    for i, prompt in enumerate(PROMPTS):
+        out = base[str(i)].outputs[0]
+        requests.append((prompt, SamplingParams(max_tokens=15, temperature=0.0)))
+        for stop in (out.text[3:5], out.text[6:7]):
+            if stop.strip():
+                requests.append((prompt, SamplingParams(max_tokens=15, temperature=0.0, stop=[stop])))
+        if len(out.token_ids) > 4:
+            requests.append((prompt, SamplingParams(max_tokens=15, temperature=0.0,
+                                                    stop_token_ids=[out.token_ids[3]])))
+        requests.append((prompt, SamplingParams(max_tokens=11, temperature=0.8, seed=i)))
+    before = spec_engine.stats()["spec_num_accepted_tokens"]
+    finals = _run(spec_engine, requests)
+    assert len(finals) == len(requests)
+    assert spec_engine.stats()["spec_num_accepted_tokens"] - before > 2 * len(requests)
+    _run(spec_engine, requests, stream=False)
+
+    # The engine's own window of each step (what the ensemble gets when no stop string holds
+    # text back) decodes to that step's whole text, however many tokens it emitted.
+    plain = [(p, sp) for p, sp in requests if not sp.stop]
+    for i, (prompt, params) in enumerate(plain):
+        spec_engine.add_request(f"w{i}", prompt=prompt, params=params)
+    multi = 0
+    while spec_engine.has_unfinished_requests():
+        for out in spec_engine.step():
+            c = out.outputs[0]
+            ids, offset = c.detok_window
+            text = decode_window(spec_engine.tokenizer, ids, offset, final=out.finished)
+            assert text == c.new_text, (c.new_token_ids, ids, offset, text, c.new_text)
+            multi += len(c.new_token_ids) > 1
+    assert multi > len(plain)

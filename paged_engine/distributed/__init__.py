@@ -1,0 +1,1 @@
+"""Tensor-parallel process state and collectives (torch.distributed). Imports: torch only."""
