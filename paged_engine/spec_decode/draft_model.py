@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from paged_engine.executor.model_runner import ModelRunner
-from paged_engine.executor.sampler import SAMPLING_EPS, exponential_noise
+from paged_engine.executor.sampler import SAMPLING_EPS, sample_categorical
 from paged_engine.model_executor.forward_context import AttentionMetadata, forward_context
 from paged_engine.spec_decode.rejection_sampler import DRAFT_SEED_SALT, DraftRow
 
@@ -156,8 +156,7 @@ class DraftModelProposer:
         q = None
         if not all(greedy):
             q, row_seeds = sampler.sampling_probs(processed, rows, greedy, seed_salt=DRAFT_SEED_SALT)
-            noise = exponential_noise(tuple(q.shape), self.device, sampler.generator, row_seeds)
-            sampled = (q / noise).argmax(dim=-1)
+            sampled = sample_categorical(q, sampler.generator, row_seeds)
             tokens = torch.where(sampler._tensor(greedy, torch.bool), tokens, sampled)
         for n, (i, t) in enumerate(zip(rows_of, tokens.tolist())):
             drafts[i].append(t)

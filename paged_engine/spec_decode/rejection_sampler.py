@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from paged_engine.core.batch import SampleLogprobs
-from paged_engine.executor.sampler import SAMPLING_EPS, Sampler, exponential_noise, seed_for_position
+from paged_engine.executor.sampler import SAMPLING_EPS, Sampler, sample_categorical, seed_for_position
 
 # Seed streams of a seeded request besides the sampling noise (salt 0, shared with the plain
 # sampler so that a step without drafts draws what it would draw without speculation).
@@ -129,8 +129,7 @@ class RejectionSampler:
             residual = torch.where(empty, probs, residual)
             has_draft_t = sampler._tensor(has_draft, torch.bool)
             target = torch.where(has_draft_t.unsqueeze(1), residual, probs)
-            noise = exponential_noise(tuple(probs.shape), device, sampler.generator, row_seeds)
-            sampled = (target / noise).argmax(dim=-1)
+            sampled = sample_categorical(target, sampler.generator, row_seeds)
             greedy_t = sampler._tensor(greedy, torch.bool)
             candidate = torch.where(greedy_t, candidate, sampled)
             accept = torch.where(greedy_t, accept, accept_random)

@@ -13,6 +13,7 @@ from paged_engine.executor.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    sample_categorical,
     seed_for_position,
 )
 from paged_engine.sampling_params import SamplingParams
@@ -139,6 +140,33 @@ def test_greedy_applies_penalties():
 
 def _frequencies(tokens: list[int], vocab: int) -> list[float]:
     return [tokens.count(t) / len(tokens) for t in range(vocab)]
+
+
+def test_sample_categorical_draws_in_proportion_to_unnormalised_weights():
+    # Zero weights first, last and between (the inverse CDF's plateaus), a tiny weight, and rows
+    # that do not sum to 1 (the rejection sampler's residuals).
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 1e-3, 6.0, 0.0],
+                            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]])
+    rows = 20000
+    batch = weights.repeat(rows, 1)
+    drawn = sample_categorical(batch, torch.Generator().manual_seed(5))
+    assert drawn.shape == (2 * rows,)
+    second = drawn[1::2].tolist()
+    assert set(second) == {6}
+    first = drawn[0::2].tolist()
+    want = (weights[0] / weights[0].sum()).tolist()
+    assert {t for t in first if want[t] == 0} == set()
+    for t, (f, p) in enumerate(zip(_frequencies(first, 7), want)):
+        assert abs(f - p) < 4 * math.sqrt(p * (1 - p) / rows) + 1e-3, (t, f, p)
+
+
+def test_sample_categorical_seeded_rows_ignore_the_shared_generator():
+    weights = torch.softmax(_logits(4, vocab=50, seed=2) * 0.2, -1)
+    picks = {sample_categorical(weights, torch.Generator().manual_seed(g), [(2, 999)])[2].item()
+             for g in range(20)}
+    assert len(picks) == 1
+    unseeded = {sample_categorical(weights, torch.Generator().manual_seed(g))[2].item() for g in range(20)}
+    assert len(unseeded) > 1
 
 
 def test_temperature_sampling_follows_the_distribution():
