@@ -1,9 +1,9 @@
 """Fault injection against `paged-triton serve`: kill the paged_llm backend stub under load. The
 clients of the requests in flight get errors (no hang), readiness turns red at once, and the
 service comes back by itself with the same greedy output. Then Ctrl-C with streams open: the
-launcher exits within 10 s and every stream got a final response or an error.
-
-(A tensor-parallel worker kill belongs here too once tensor parallelism exists.)"""
+launcher exits within 10 s and every stream got a final response or an error. With
+tensor_parallel_size=2, a killed worker rank: the stream in flight gets an error, readiness turns
+red, and the supervisor reloads paged_llm (new workers) with the same greedy output."""
 
 import json
 import os
@@ -64,13 +64,13 @@ class Launcher:
             return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def launcher(serving_model_dir, engine_args, tmp_path_factory):
+def _serve(model_dir, engine_args, tmp_path_factory):
+    """`paged-triton serve` in a subprocess, yielded once its readiness is green."""
     ports = {k: free_port() for k in ("grpc", "http", "metrics", "health")}
     work = tmp_path_factory.mktemp("launcher")
     log_path = work / "launcher.log"
     cmd = [sys.executable, "-m", "paged_engine.deploy.launcher", "serve",
-           "--model", serving_model_dir, "--no-demo", "--repository-dir", str(work / "repo"),
+           "--model", model_dir, "--no-demo", "--repository-dir", str(work / "repo"),
            "--grpc-port", str(ports["grpc"]), "--http-port", str(ports["http"]),
            "--metrics-port", str(ports["metrics"]), "--health-port", str(ports["health"]),
            "--log-file", str(work / "tritonserver.log")]
@@ -92,6 +92,11 @@ def launcher(serving_model_dir, engine_args, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def launcher(serving_model_dir, engine_args, tmp_path_factory):
+    yield from _serve(serving_model_dir, engine_args, tmp_path_factory)
 
 
 def _greedy(launcher) -> str:
@@ -197,3 +202,57 @@ def test_ctrl_c_with_streams_open_exits_within_10_s(launcher):
         # ended by paged_llm's unload with a message, not by a dropped connection
         assert stream.error is None or "being unloaded" in stream.error, (model, stream.error)
         client.close()
+
+
+def _tp_worker_pids(root_pid: int) -> list[int]:
+    todo, found = [root_pid], []
+    while todo:
+        for pid, args in _children(todo.pop()):
+            todo.append(pid)
+            if any("paged_engine.executor.tp_worker" in a for a in args):
+                found.append(pid)
+    return found
+
+
+def test_a_killed_tensor_parallel_worker_is_recovered(serving_model_dir, engine_args, tmp_path_factory,
+                                                      offline_llm):
+    expected = offline_llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    args = dict(engine_args, tensor_parallel_size=2, distributed_timeout_s=20)
+    serve = _serve(serving_model_dir, args, tmp_path_factory)
+    tp = next(serve)
+    try:
+        assert _greedy(tp) == expected.text
+        client = StreamClient(tp.grpc_url)
+        rid = client.send("paged_llm", inputs(text_input=PROMPT, stream=True, sampling_parameters=sampling(
+            max_tokens=400, ignore_eos=True)))
+        while len(client.streams[rid].responses) < 2:
+            client.poll(timeout_s=120)
+        (worker,) = _tp_worker_pids(tp.proc.pid)
+        killed = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+
+        stream = client.streams[rid]
+        while stream.finals == 0:
+            assert time.monotonic() - killed < 60, "the stream in flight hangs"
+            client.poll(timeout_s=60)
+        client.close()
+        assert stream.error is not None and "tensor-parallel" in stream.error, stream.error
+
+        while True:  # back by itself: paged_llm reloaded with new worker processes
+            try:
+                text = _greedy(tp)
+                break
+            except Exception:
+                assert time.monotonic() - killed < RECOVERY_LIMIT_S, tp.log()
+                time.sleep(0.5)
+        print(f"\nservice back {time.monotonic() - killed:.1f} s after a tensor-parallel worker was killed")
+        assert text == expected.text
+        while http_status(f"{tp.health}/health/ready") != 200:
+            assert time.monotonic() - killed < RECOVERY_LIMIT_S + 10
+            time.sleep(0.2)
+        health = tp.health_json()
+        assert health["reloads"] + health["restarts"] >= 1, health
+        new_workers = _tp_worker_pids(tp.proc.pid)
+        assert len(new_workers) == 1 and worker not in new_workers
+    finally:
+        next(serve, None)  # the launcher's teardown (SIGINT, wait)
