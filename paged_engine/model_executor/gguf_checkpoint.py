@@ -102,13 +102,20 @@ def _reject_split(path: Path) -> None:
             "into one file first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT.gguf)")
 
 
+# llama.cpp's `general.architecture` names that are not transformers' model_type for the same
+# model (transformers renames them in load_gguf_checkpoint; a Gemma 3 file holds the text model).
+GGUF_ARCH_TO_MODEL_TYPE = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
 def supported_gguf_architectures() -> list[str]:
     """GGUF `general.architecture` values this engine has a model file for."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from paged_engine.model_executor.models import MODEL_REGISTRY
 
-    return sorted(t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls in MODEL_REGISTRY)
+    gguf_name = {t: a for a, t in GGUF_ARCH_TO_MODEL_TYPE.items()}
+    return sorted(gguf_name.get(t, t) for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+                  if cls in MODEL_REGISTRY)
 
 
 def check_gguf_file(path: str | os.PathLike) -> dict:

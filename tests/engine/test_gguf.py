@@ -374,3 +374,17 @@ def test_launcher_names_unsupported_checkpoint_formats(tiny_model_dir, tmp_path)
     with pytest.raises(LaunchError) as e:
         check_model_dir(str(bins))
     assert "*.bin" in str(e.value) and "safetensors" in str(e.value) and "GGUF" in str(e.value)
+
+
+def test_llama_cpp_architecture_names_of_the_supported_families_are_accepted():
+    """llama.cpp names some architectures differently from transformers' model_type (gemma3 for
+    gemma3_text, qwen3moe for qwen3_moe): the gguf package's own table is the reference."""
+    import gguf
+
+    from paged_engine.model_executor.gguf_checkpoint import supported_gguf_architectures
+
+    ours = supported_gguf_architectures()
+    for arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3,
+                 gguf.MODEL_ARCH.QWEN3MOE, gguf.MODEL_ARCH.PHI3, gguf.MODEL_ARCH.GEMMA2,
+                 gguf.MODEL_ARCH.GEMMA3):
+        assert gguf.MODEL_ARCH_NAMES[arch] in ours, (gguf.MODEL_ARCH_NAMES[arch], ours)
