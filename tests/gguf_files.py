@@ -340,3 +340,19 @@ def write_tiny_llama_gguf(path: str | Path, hf_dir: str | Path, type_name: str, 
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+# --- the reference -----------------------------------------------------------------------------
+
+def transformers_on_gguf(path: str):
+    """(tokenizer, model in float32, eval) of transformers on a .gguf file: its own GGUF loader
+    and tokenizer, the tests' reference for what the engine derives from the same file."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return tokenizer, model.eval()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gguf_files import transformers_on_gguf
 from paged_engine import LLM, SamplingParams
 from paged_engine.cache_dir import cache_dir
 
@@ -63,12 +64,7 @@ def gemma3_gguf() -> str:
 
 @pytest.fixture(scope="module")
 def reference(gemma3_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = os.path.split(gemma3_gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return tokenizer, model.eval()
+    return transformers_on_gguf(gemma3_gguf)
 
 
 @pytest.fixture(scope="module")

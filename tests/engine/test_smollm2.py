@@ -6,11 +6,10 @@ tests/serving/test_smollm2_serving.py.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from gguf_files import transformers_on_gguf
 from paged_engine import SamplingParams
 
 CHAT_PROMPTS = ["What is the capital of France?", "Name three colors.", "What is 2+2?"]
@@ -25,13 +24,7 @@ def chat_ids(tokenizer, question: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
-    """transformers on the same .gguf file: its own GGUF loader, tokenizer and generate."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = os.path.split(smollm2_gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return tokenizer, model.eval()
+    return transformers_on_gguf(smollm2_gguf)
 
 
 def test_tokenizer_matches_transformers_on_the_file(smollm2_llm, reference):
