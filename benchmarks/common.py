@@ -504,3 +504,20 @@ def setup_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tiny_triton_server(prefix: str, **engine_args):
+    """A started TritonServer serving the tiny random Llama (byte-level tokenizer) from a fresh
+    repository under a new temporary directory (its log beside it); the serving benchmarks'."""
+    import tempfile
+
+    from paged_engine.deploy.repository import prepare_model_repository
+    from paged_engine.deploy.tiny_model import make_tiny_model
+    from paged_engine.deploy.tritonserver import TritonServer
+
+    work = tempfile.mkdtemp(prefix=prefix)
+    model_dir = make_tiny_model(f"{work}/model", arch="llama", tokenizer="byte_level")
+    repo = prepare_model_repository(f"{work}/repo", model_dir, **engine_args)
+    server = TritonServer(repo, log_file=f"{work}/server.log",
+                          extra_args=["--exit-timeout-secs=1"]).start(timeout_s=600)
+    return server

@@ -22,12 +22,11 @@ import argparse
 import http.client
 import json
 import queue
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, tiny_triton_server, write_json
 
 
 def _rss_kb(pid: int) -> int:
@@ -125,16 +124,8 @@ MODES = ("grpc-reuse", "grpc-new-channel", "http-keepalive", "http-new-connectio
 
 
 def run(args) -> dict:
-    from paged_engine.deploy.repository import prepare_model_repository
-    from paged_engine.deploy.tiny_model import make_tiny_model
-    from paged_engine.deploy.tritonserver import TritonServer
-
-    work = tempfile.mkdtemp(prefix="soak-bench.")
-    model_dir = make_tiny_model(f"{work}/model", arch="llama", tokenizer="byte_level")
-    repo = prepare_model_repository(f"{work}/repo", model_dir, num_kv_blocks=96,
-                                    max_model_len=512, max_num_seqs=32)
-    server = TritonServer(repo, log_file=f"{work}/server.log",
-                          extra_args=["--exit-timeout-secs=1"]).start(timeout_s=600)
+    server = tiny_triton_server("soak-bench.", num_kv_blocks=96, max_model_len=512,
+                                max_num_seqs=32)
     results = {}
     try:
         procs = _processes(server)

@@ -19,13 +19,12 @@ import argparse
 import json
 import queue
 import statistics
-import tempfile
 import threading
 import time
 
 import numpy as np
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, tiny_triton_server, write_json
 
 
 def _tensor(name, array):
@@ -43,6 +42,14 @@ def _one_request(url: str, model: str, tensors: list, timeout_s: float) -> tuple
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    try:
+        return _send(client, model, tensors, timeout_s)
+    finally:
+        client.close()
+
+
+def _send(client, model: str, tensors: list, timeout_s: float) -> tuple[str, float]:
+    """(outcome, seconds) of one streamed request on `client`'s channel until its final response."""
     done: queue.Queue = queue.Queue()
     start = time.monotonic()
     client.start_stream(callback=lambda result, error: done.put(error))
@@ -54,7 +61,6 @@ def _one_request(url: str, model: str, tensors: list, timeout_s: float) -> tuple
         outcome = "timed out"
     elapsed = time.monotonic() - start
     client.stop_stream(cancel_requests=True)
-    client.close()
     return outcome, elapsed
 
 
@@ -88,34 +94,14 @@ def _noop(_=None):
 
 def _oversized_request(timeout_s: float):
     """Send the prepared oversized request (in a pool worker); (outcome, seconds)."""
-    client, model, tensors = _PREPARED["client"], _PREPARED["model"], _PREPARED["tensors"]
-    done: queue.Queue = queue.Queue()
-    start = time.monotonic()
-    client.start_stream(callback=lambda result, error: done.put(error))
-    client.async_stream_infer(model, tensors, enable_empty_final_response=True)
-    try:
-        error = done.get(timeout=timeout_s)
-        outcome = "ok" if error is None else str(error)
-    except queue.Empty:
-        outcome = "timed out"
-    elapsed = time.monotonic() - start
-    client.stop_stream(cancel_requests=True)
-    return outcome, elapsed
+    return _send(_PREPARED["client"], _PREPARED["model"], _PREPARED["tensors"], timeout_s)
 
 
 def run(args) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from paged_engine.deploy.repository import prepare_model_repository
-    from paged_engine.deploy.tiny_model import make_tiny_model
-    from paged_engine.deploy.tritonserver import TritonServer
-
-    work = tempfile.mkdtemp(prefix="stall-bench.")
-    model_dir = make_tiny_model(f"{work}/model", arch="llama", tokenizer="byte_level")
-    repo = prepare_model_repository(f"{work}/repo", model_dir, num_kv_blocks=160,
-                                    max_model_len=2048, max_num_seqs=32)
-    server = TritonServer(repo, log_file=f"{work}/server.log",
-                          extra_args=["--exit-timeout-secs=1"]).start(timeout_s=600)
+    server = tiny_triton_server("stall-bench.", num_kv_blocks=160, max_model_len=2048,
+                                max_num_seqs=32)
     try:
         url = server.grpc_url
         sampling = json.dumps({"max_tokens": 2000, "ignore_eos": True, "temperature": 0})

@@ -162,6 +162,16 @@ def test_config_and_tokenizer_come_from_the_metadata(gguf_file, hf_dir):
         reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _engine_greedy(model: str, n: int = 10) -> list[int]:
+    """The engine's n greedy tokens after PROMPT_IDS, from a .gguf file or its directory."""
+    llm = LLM(model, device="cpu", dtype="float32", num_kv_blocks=32, max_model_len=256)
+    try:
+        out = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    return list(out[0].outputs[0].token_ids)
+
+
 @pytest.mark.parametrize("type_name", ["F16", "Q8_0", "Q4_K", "Q6_K"])
 def test_greedy_tokens_match_transformers_on_the_same_file(type_name, gguf_file):
     from transformers import AutoModelForCausalLM
@@ -170,13 +180,7 @@ def test_greedy_tokens_match_transformers_on_the_same_file(type_name, gguf_file)
     folder, name = os.path.split(path)
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     expected = hf_greedy(reference, PROMPT_IDS, 10)
-    llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=32, max_model_len=256)
-    try:
-        out = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=10, temperature=0,
-                                                        ignore_eos=True))[0].outputs[0]
-    finally:
-        llm.shutdown()
-    assert list(out.token_ids) == expected
+    assert _engine_greedy(path) == expected
 
 
 def test_f32_gguf_generates_what_the_original_model_does(gguf_file, hf_dir):
@@ -185,14 +189,7 @@ def test_f32_gguf_generates_what_the_original_model_does(gguf_file, hf_dir):
     path, _ = gguf_file("F32")
     expected = hf_greedy(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
                          PROMPT_IDS, 10)
-    llm = LLM(os.path.dirname(path), device="cpu", dtype="float32", num_kv_blocks=32,
-              max_model_len=256)  # the directory holding the one .gguf
-    try:
-        out = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=10, temperature=0,
-                                                        ignore_eos=True))[0].outputs[0]
-    finally:
-        llm.shutdown()
-    assert list(out.token_ids) == expected
+    assert _engine_greedy(os.path.dirname(path)) == expected  # the directory holding the one .gguf
 
 
 # --- the cache ------------------------------------------------------------------------------------
