@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 
 from paged_engine.core.batch import SampleLogprobs
-from paged_engine.executor.sampler import SAMPLING_EPS, Sampler, sample_categorical, seed_for_position
+from paged_engine.executor.sampler import (SAMPLING_EPS, Sampler, row_uniforms, sample_categorical,
+                                           seed_for_position)
 
 # Seed streams of a seeded request besides the sampling noise (salt 0, shared with the plain
 # sampler so that a step without drafts draws what it would draw without speculation).
@@ -56,14 +57,10 @@ def draft_rows(state, drafts: Sequence[int], num_rows: int | None = None) -> lis
 
 def uniform_draws(num_rows: int, rows: Sequence[DraftRow], device, generator) -> torch.Tensor:
     """U[0, 1) per row; seeded random rows from (seed ^ ACCEPT_SEED_SALT, output position)."""
-    u = torch.rand(num_rows, device=device, generator=generator)
-    for i, r in enumerate(rows):
-        p = r.params
-        if p.seed is not None and p.temperature >= SAMPLING_EPS:
-            g = torch.Generator(device=device).manual_seed(
-                seed_for_position(p.seed ^ ACCEPT_SEED_SALT, len(r.output_token_ids)))
-            u[i] = torch.rand(1, device=device, generator=g)[0]
-    return u
+    row_seeds = [(i, seed_for_position(r.params.seed ^ ACCEPT_SEED_SALT, len(r.output_token_ids)))
+                 for i, r in enumerate(rows)
+                 if r.params.seed is not None and r.params.temperature >= SAMPLING_EPS]
+    return row_uniforms(num_rows, device, generator, row_seeds)
 
 
 class RejectionSampler:
