@@ -2,8 +2,8 @@
 clients of the requests in flight get errors (no hang), readiness turns red at once, and the
 service comes back by itself with the same greedy output. Then Ctrl-C with streams open: the
 launcher exits within 10 s and every stream got a final response or an error. With
-tensor_parallel_size=2, a killed worker rank: the stream in flight gets an error, readiness turns
-red, and the supervisor reloads paged_llm (new workers) with the same greedy output."""
+tensor_parallel_size=2, a killed worker rank: the stream in flight gets an error naming it, and
+the supervisor reloads paged_llm (new workers) with the same greedy output."""
 
 import json
 import os
@@ -20,6 +20,7 @@ from paged_engine import SamplingParams
 from paged_engine.deploy.supervisor import http_status, stub_processes
 from paged_engine.deploy.tritonserver import free_port
 from serving_client import StreamClient, inputs, run_one, sampling, trt_inputs
+from test_serving_tp import tp_worker_pids
 
 pytestmark = pytest.mark.server
 
@@ -107,6 +108,16 @@ def _greedy(launcher) -> str:
     return s.text()
 
 
+def _greedy_once_back(launcher, since: float) -> str:
+    """`_greedy` retried until the service answers again (at most RECOVERY_LIMIT_S after `since`)."""
+    while True:
+        try:
+            return _greedy(launcher)
+        except Exception:
+            assert time.monotonic() - since < RECOVERY_LIMIT_S, launcher.log()
+            time.sleep(0.5)
+
+
 def _long_streams(launcher) -> list[tuple[StreamClient, str, str]]:
     """Requests in flight on every path: paged_llm streamed and not, the ensemble, the BLS."""
     long = dict(max_tokens=np.array([400], np.int32), min_tokens=np.array([400], np.int32))
@@ -152,13 +163,7 @@ def test_a_killed_engine_stub_is_recovered_and_no_client_hangs(launcher, offline
           f"after the kill")
 
     # The service comes back by itself, with the same output.
-    while True:
-        try:
-            text = _greedy(launcher)
-            break
-        except Exception:
-            assert time.monotonic() - killed < RECOVERY_LIMIT_S, launcher.log()
-            time.sleep(0.5)
+    text = _greedy_once_back(launcher, killed)
     recovered_s = time.monotonic() - killed
     print(f"\nservice back {recovered_s:.1f} s after the stub was killed")
     assert text == expected.text
@@ -204,16 +209,6 @@ def test_ctrl_c_with_streams_open_exits_within_10_s(launcher):
         client.close()
 
 
-def _tp_worker_pids(root_pid: int) -> list[int]:
-    todo, found = [root_pid], []
-    while todo:
-        for pid, args in _children(todo.pop()):
-            todo.append(pid)
-            if any("paged_engine.executor.tp_worker" in a for a in args):
-                found.append(pid)
-    return found
-
-
 def test_a_killed_tensor_parallel_worker_is_recovered(serving_model_dir, engine_args, tmp_path_factory,
                                                       offline_llm):
     expected = offline_llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0]
@@ -227,7 +222,7 @@ def test_a_killed_tensor_parallel_worker_is_recovered(serving_model_dir, engine_
             max_tokens=400, ignore_eos=True)))
         while len(client.streams[rid].responses) < 2:
             client.poll(timeout_s=120)
-        (worker,) = _tp_worker_pids(tp.proc.pid)
+        (worker,) = tp_worker_pids(tp.proc.pid)
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
 
@@ -238,13 +233,7 @@ def test_a_killed_tensor_parallel_worker_is_recovered(serving_model_dir, engine_
         client.close()
         assert stream.error is not None and "tensor-parallel" in stream.error, stream.error
 
-        while True:  # back by itself: paged_llm reloaded with new worker processes
-            try:
-                text = _greedy(tp)
-                break
-            except Exception:
-                assert time.monotonic() - killed < RECOVERY_LIMIT_S, tp.log()
-                time.sleep(0.5)
+        text = _greedy_once_back(tp, killed)  # paged_llm reloaded with new worker processes
         print(f"\nservice back {time.monotonic() - killed:.1f} s after a tensor-parallel worker was killed")
         assert text == expected.text
         while http_status(f"{tp.health}/health/ready") != 200:
@@ -252,7 +241,7 @@ def test_a_killed_tensor_parallel_worker_is_recovered(serving_model_dir, engine_
             time.sleep(0.2)
         health = tp.health_json()
         assert health["reloads"] + health["restarts"] >= 1, health
-        new_workers = _tp_worker_pids(tp.proc.pid)
+        new_workers = tp_worker_pids(tp.proc.pid)
         assert len(new_workers) == 1 and worker not in new_workers
     finally:
         next(serve, None)  # the launcher's teardown (SIGINT, wait)

@@ -40,8 +40,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _tp_workers(server) -> list[int]:
+    return tp_worker_pids(server._proc.pid)
+
+
+def tp_worker_pids(root_pid: int) -> list[int]:
+    """The tensor-parallel worker processes below `root_pid` (a tritonserver or a launcher)."""
     pids = []
-    for pid in _descendants(server._proc.pid):
+    for pid in _descendants(root_pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"paged_engine.executor.tp_worker" in f.read():
