@@ -82,17 +82,25 @@ class RequestLimits:
     max_model_len: int | None = None
 
 
-def _scalar(array: np.ndarray, name: str):
+def _one_value(array: np.ndarray, name: str):
     flat = np.asarray(array).reshape(-1)
     if flat.size != 1:
         raise RequestError(
             f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
-    value = flat[0]
+    return flat[0]
+
+
+def _utf8(value, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"input '{name}' is not valid UTF-8: {e}") from None
+
+
+def _scalar(array: np.ndarray, name: str):
+    value = _one_value(array, name)
     if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(f"input '{name}' is not valid UTF-8: {e}") from None
+        return _utf8(value, name)
     return value.item() if hasattr(value, "item") else value
 
 
@@ -100,10 +108,7 @@ def _strings(array: np.ndarray, name: str) -> list[str]:
     out = []
     for value in np.asarray(array).reshape(-1):
         if isinstance(value, (bytes, np.bytes_)):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RequestError(f"input '{name}' is not valid UTF-8: {e}") from None
+            value = _utf8(value, name)
         elif not isinstance(value, str):
             value = str(value)
         out.append(value)
@@ -122,17 +127,10 @@ def _parse_json_object(text: str, what: str) -> dict:
 
 def _prompt_text(array: np.ndarray, max_prompt_bytes: int | None) -> str:
     """The text_input string, its size checked before it is decoded."""
-    flat = np.asarray(array).reshape(-1)
-    if flat.size != 1:
-        raise RequestError(
-            f"input 'text_input' must hold exactly one value, got shape {list(array.shape)}")
-    value = flat[0]
+    value = _one_value(array, "text_input")
     if isinstance(value, (bytes, np.bytes_)):
         check_prompt_bytes(len(value), max_prompt_bytes)
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(f"input 'text_input' is not valid UTF-8: {e}") from None
+        return _utf8(value, "text_input")
     if not isinstance(value, str):
         raise RequestError("input 'text_input' must be a string")
     check_prompt_bytes(len(value.encode("utf-8")), max_prompt_bytes)

@@ -184,3 +184,22 @@ def test_a_slow_tokenization_does_not_hold_up_the_engine_thread():
     finally:
         gate.set()
         loop.stop()
+
+
+@pytest.mark.parametrize("inputs,error", [
+    (dict(text_input=np.array([b"a", b"b"], dtype=np.object_)),
+     "input 'text_input' must hold exactly one value, got shape [2]"),
+    (dict(text_input=np.array([b"caf\xe9"], dtype=np.object_)), "input 'text_input' is not valid UTF-8"),
+    (dict(text_input=np.array([b"hi"], dtype=np.object_),
+          sampling_parameters=np.array([b'{"max_tokens": \xff}'], dtype=np.object_)),
+     "input 'sampling_parameters' is not valid UTF-8"),
+    (dict(text_input=np.array([b"hi"], dtype=np.object_),
+          sampling_parameters=np.array([b"{}", b"{}"], dtype=np.object_)),
+     "input 'sampling_parameters' must hold exactly one value, got shape [2]"),
+], ids=["two-prompts", "prompt-not-utf8", "params-not-utf8", "two-params"])
+def test_parse_names_the_malformed_input(inputs, error):
+    from paged_engine import SamplingParams
+
+    with pytest.raises(RequestError) as e:
+        parse_request(_get(**inputs), "{}", SamplingParams.from_dict, RequestLimits())
+    assert error in str(e.value)
