@@ -203,6 +203,16 @@ def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# --- llama.cpp's tensor names for a Llama (Hugging Face name -> GGUF name) -----------------------
+
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
 # --- writing a file -------------------------------------------------------------------------------
 
 def _random_k_blocks(type_name: str, num_blocks: int, rng: np.random.Generator) -> np.ndarray:
@@ -305,14 +315,9 @@ def write_tiny_llama_gguf(path: str | Path, hf_dir: str | Path, type_name: str, 
     if template:
         w.add_chat_template(template)
 
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = dict(GGUF_NAMES)
     for i in range(cfg["num_hidden_layers"]):
-        for hf, g in per_layer.items():
+        for hf, g in GGUF_LAYER_NAMES.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{g}.weight"
     written: dict[str, tuple[str, np.ndarray]] = {}
     for hf_name, array in state.items():

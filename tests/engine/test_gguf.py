@@ -18,18 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from gguf_files import K_QUANTS, llama_cpp_unpermute, spec_dequantize, write_tiny_llama_gguf
+from gguf_files import (GGUF_LAYER_NAMES, GGUF_NAMES, K_QUANTS, llama_cpp_unpermute, spec_dequantize,
+                        write_tiny_llama_gguf)
 from paged_engine import LLM, SamplingParams
 from paged_engine.config import EngineConfig
 from paged_engine.model_executor import gguf_checkpoint
 from paged_engine.model_executor.gguf_checkpoint import SUPPORTED_GGUF_TYPES, gguf_model_dir
 
-HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-            "output_norm.weight": "model.norm.weight"}
-LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+HF_NAMES = {g: hf for hf, g in GGUF_NAMES.items()}
+LAYER_NAMES = {g: hf for hf, g in GGUF_LAYER_NAMES.items()}
 PROMPT_IDS = [5, 77, 190, 23, 301, 8, 42]
 
 
